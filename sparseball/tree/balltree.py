@@ -1,0 +1,134 @@
+"""The `BallTree`: slot layout of a batch of point clouds, stored as flat tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .._checks import check_power_of_two
+
+
+@dataclass(frozen=True, eq=False)
+class BallTree:
+    """Points of a batch of clouds reordered into slots; see docs/contract.md, section 2.
+
+    Attributes:
+        perm (torch.Tensor): int64 `[M]`, slot -> index of its point in the input.
+        mask (torch.Tensor): bool `[M]`, True on exactly one slot per input point.
+        offsets (torch.Tensor): int64 `[B + 1]`, slots of cloud b are `offsets[b]:offsets[b+1]`.
+        pos (torch.Tensor): `[M, dim]` positions in slot order, dtype of the input.
+        ball_size (int): P, the largest block size any op on this tree may use.
+        rotation_perms (torch.Tensor): int64 `[R, M]`, slot orderings of the rotated trees.
+        offsets_list (tuple[int, ...]): `offsets` on the host, so that ops can size their work
+            without a device sync.
+    """
+
+    perm: torch.Tensor
+    mask: torch.Tensor
+    offsets: torch.Tensor
+    pos: torch.Tensor
+    ball_size: int
+    rotation_perms: torch.Tensor
+    offsets_list: tuple[int, ...]
+    num_points: int
+    _center_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_slots(self) -> int:
+        return self.perm.shape[0]
+
+    @property
+    def num_clouds(self) -> int:
+        return len(self.offsets_list) - 1
+
+    @property
+    def rotations(self) -> int:
+        return self.rotation_perms.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.perm.device
+
+    @property
+    def dim(self) -> int:
+        return self.pos.shape[1]
+
+    @property
+    def slot_cloud(self) -> torch.Tensor:
+        """int64 `[M]`: the cloud id of each slot."""
+        sizes = self.offsets[1:] - self.offsets[:-1]
+        ids = torch.arange(self.num_clouds, device=self.device)
+        return torch.repeat_interleave(ids, sizes, output_size=self.num_slots)
+
+    def to_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """`[N, ...]` point data -> `[M, ...]` slot data; padding slots repeat their real point."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim < 1 or x.shape[0] != self.num_points:
+            raise ValueError(
+                f"x must have shape (N, ...) with N = tree.num_points = {self.num_points}, "
+                f"got {tuple(x.shape)}"
+            )
+        return x[self.perm.to(x.device)]
+
+    def from_slots(self, y: torch.Tensor) -> torch.Tensor:
+        """`[M, ...]` slot data -> `[N, ...]` point data, taken from each point's real slot."""
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        if y.ndim < 1 or y.shape[0] != self.num_slots:
+            raise ValueError(
+                f"y must have shape (M, ...) with M = tree.num_slots = {self.num_slots}, "
+                f"got {tuple(y.shape)}"
+            )
+        mask = self.mask.to(y.device)
+        out = y.new_empty((self.num_points, *y.shape[1:]))
+        out[self.perm.to(y.device)[mask]] = y[mask]
+        return out
+
+    def centers(self, block_size: int) -> torch.Tensor:
+        """`[M / block_size, dim]`: mean position of the real slots of each aligned block.
+
+        A block without a real slot gets the mean of all its slots (padding repeats real
+        points, so this is still a point of the cloud's hull); such blocks are never keys.
+        """
+        check_power_of_two("block_size", block_size, maximum=self.ball_size)
+        if block_size not in self._center_cache:
+            pos = self.pos.view(-1, block_size, self.dim)
+            weight = self.mask.view(-1, block_size, 1).to(pos.dtype)
+            count = weight.sum(1)
+            real_mean = (pos * weight).sum(1) / count.clamp(min=1)
+            self._center_cache[block_size] = torch.where(count > 0, real_mean, pos.mean(1))
+        return self._center_cache[block_size]
+
+    def rotated(self, r: int) -> torch.Tensor:
+        """int64 `[M]`: `x[tree.rotated(r)]` puts slot-ordered data into rotated ordering r."""
+        if not isinstance(r, int) or isinstance(r, bool):
+            raise TypeError(f"r must be an int, got {type(r).__name__}")
+        if not 0 <= r < self.rotations:
+            raise ValueError(
+                f"r must be in [0, tree.rotations) = [0, {self.rotations}), got {r} "
+                "(build the tree with rotations=R to get R rotated orderings)"
+            )
+        return self.rotation_perms[r]
+
+    def to(self, device: torch.device | str) -> BallTree:
+        """The same tree with its tensors on `device`."""
+        return BallTree(
+            perm=self.perm.to(device),
+            mask=self.mask.to(device),
+            offsets=self.offsets.to(device),
+            pos=self.pos.to(device),
+            ball_size=self.ball_size,
+            rotation_perms=self.rotation_perms.to(device),
+            offsets_list=self.offsets_list,
+            num_points=self.num_points,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"BallTree(num_points={self.num_points}, num_slots={self.num_slots}, "
+            f"num_clouds={self.num_clouds}, dim={self.dim}, ball_size={self.ball_size}, "
+            f"rotations={self.rotations}, device={self.device})"
+        )
+
