@@ -1,6 +1,21 @@
-"""sparseball: ball-tree sparse attention kernels for point clouds."""
+"""sparseball: ball-tree sparse attention kernels for point clouds.
 
+`build_tree` sorts point clouds into a ball tree of slots; `sparseball.ops` holds the attention
+ops on slot-ordered tensors; `attention` mixes them as Native Sparse Attention.
+"""
+
+from . import ops
+from .backends import BACKENDS, default_backend, use_backend
+from .mixture import attention
 from .tree import BallTree, build_tree
 
-__all__ = ["BallTree", "build_tree"]
+__all__ = [
+    "BACKENDS",
+    "BallTree",
+    "attention",
+    "build_tree",
+    "default_backend",
+    "ops",
+    "use_backend",
+]
 __version__ = "0.1.0"

@@ -3,6 +3,10 @@ expectation and what came."""
 
 from __future__ import annotations
 
+import torch
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
 
 def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
@@ -20,3 +24,37 @@ def check_power_of_two(name: str, value: object, *, maximum: int | None = None,
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be <= {maximum_name} = {maximum}, got {value}")
     return value
+
+
+def check_slots(name: str, x: object, tree) -> None:
+    """`x` must be a floating `[M, H, D]` tensor on the tree's device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (M, H, D), got {type(x).__name__}")
+    if x.ndim != 3:
+        raise ValueError(f"{name} must have shape (M, H, D), got {tuple(x.shape)}")
+    if x.shape[0] != tree.num_slots:
+        raise ValueError(
+            f"{name} must have one row per slot: shape (M, H, D) with M = tree.num_slots = "
+            f"{tree.num_slots}, got {tuple(x.shape)} (use tree.to_slots to lay points out)"
+        )
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{name} must have H >= 1 heads and D >= 1 dims, got {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float64, float32, float16 or bfloat16, got {x.dtype}"
+        )
+    if x.device != tree.device:
+        raise ValueError(f"{name} must be on the tree's device {tree.device}, got {x.device}")
+
+
+def check_like(name: str, x: object, q: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """`x` must be a tensor of `shape` with q's dtype and device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if x.dtype != q.dtype:
+        raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
+    if x.device != q.device:
+        raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
+

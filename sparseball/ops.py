@@ -1,0 +1,263 @@
+"""The public attention ops: validate the call, pick a backend, run its kernel.
+
+Semantics are fixed by docs/contract.md, section 3; `reference/ops.py` is the same in code.
+All tensors are in slot order (`tree.to_slots`), shaped `[M, H, D]` with M = tree.num_slots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import check_int, check_like, check_power_of_two, check_slots
+from .backends import select_backend
+from .tree import BallTree
+
+__all__ = [
+    "compress",
+    "ball_attention",
+    "compressed_attention",
+    "select_blocks",
+    "selection_attention",
+]
+
+
+def compress(x: torch.Tensor, tree: BallTree, compress_size: int, *,
+             backend: str = "auto") -> torch.Tensor:
+    """Mean of `x` over the real slots of each aligned `compress_size`-block.
+
+    Args:
+        x (torch.Tensor): slot data of shape `[M, H, D]`.
+        tree (BallTree): the tree `x` is laid out by.
+        compress_size (int): block size c, a power of two <= `tree.ball_size`.
+
+    Returns:
+        torch.Tensor: `[M / c, H, D]`; zeros for blocks without a real slot.
+    """
+    if not torch.compiler.is_compiling():
+        _check_tree(tree)
+        check_slots("x", x, tree)
+        check_power_of_two("compress_size", compress_size, maximum=tree.ball_size)
+    return select_backend("compress", backend, x).compress(x, tree, compress_size)
+
+
+def ball_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: BallTree,
+                   ball_size: int, sigma: torch.Tensor | None = None,
+                   scale: float | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """Each slot attends to the real slots of its own aligned `ball_size`-block.
+
+    Args:
+        q, k, v (torch.Tensor): `[M, H, D]` in slot order.
+        tree (BallTree): the tree they are laid out by.
+        ball_size (int): a power of two <= `tree.ball_size`.
+        sigma (torch.Tensor | None): `[H]`, adds `sigma[h] * ||p_i - p_j||` to each logit.
+        scale (float | None): logit scale, `1 / sqrt(D)` by default.
+
+    Returns:
+        torch.Tensor: `[M, H, D]`.
+    """
+    if not torch.compiler.is_compiling():
+        _check_qkv(q, k, v, tree)
+        check_power_of_two("ball_size", ball_size, maximum=tree.ball_size)
+        _check_sigma(sigma, q)
+    kernels = select_backend("ball_attention", backend, q)
+    return kernels.ball_attention(q, k, v, tree, ball_size, sigma, _scale(scale, q))
+
+
+def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
+                         tree: BallTree, compress_size: int, sigma: torch.Tensor | None = None,
+                         scale: float | None = None, *,
+                         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slot attends to every compressed block (with a real slot) of its cloud.
+
+    Args:
+        q (torch.Tensor): `[M, H, D]` queries in slot order.
+        k_cmp, v_cmp (torch.Tensor): `[M / compress_size, H, D]` compressed keys and values.
+        tree (BallTree): the tree q is laid out by.
+        compress_size (int): a power of two <= `tree.ball_size`.
+        sigma (torch.Tensor | None): `[H]`, bias `sigma[h] * ||p_i - tree.centers(c)[u]||`.
+        scale (float | None): logit scale, `1 / sqrt(D)` by default.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: the output `[M, H, D]` and the float32 log-sum-exp
+        of the logits `[M, H]` (no gradient; it feeds `select_blocks`).
+    """
+    if not torch.compiler.is_compiling():
+        _check_tree(tree)
+        check_slots("q", q, tree)
+        check_power_of_two("compress_size", compress_size, maximum=tree.ball_size)
+        _check_compressed(k_cmp, v_cmp, q, tree, compress_size)
+        _check_sigma(sigma, q)
+    kernels = select_backend("compressed_attention", backend, q)
+    return kernels.compressed_attention(q, k_cmp, v_cmp, tree, compress_size, sigma,
+                                        _scale(scale, q))
+
+
+def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, tree: BallTree,
+                  compress_size: int, select_size: int, group_size: int, top_k: int,
+                  sigma: torch.Tensor | None = None, scale: float | None = None,
+                  exclude_ball_size: int | None = None, *,
+                  backend: str = "auto") -> torch.Tensor:
+    """The `top_k` most important `select_size`-blocks of each query group's cloud.
+
+    Importance of block w for a group: the sum, over the group's real queries and the
+    compressed blocks inside w, of the compressed-attention probabilities.
+
+    Args:
+        q (torch.Tensor): `[M, H, D]` queries in slot order.
+        k_cmp (torch.Tensor): `[M / compress_size, H, D]` compressed keys.
+        lse (torch.Tensor): `[M, H]` float32 log-sum-exp from `compressed_attention`.
+        tree (BallTree): the tree q is laid out by.
+        compress_size (int): size of the compressed blocks.
+        select_size (int): size of the selectable blocks, a multiple of `compress_size`.
+        group_size (int): queries of an aligned `group_size`-block share one selection.
+        top_k (int): how many blocks each group keeps, >= 1.
+        sigma (torch.Tensor | None): `[H]`, the distance bias of compressed attention.
+        scale (float | None): logit scale, `1 / sqrt(D)` by default.
+        exclude_ball_size (int | None): leave out the blocks inside the group's own
+            aligned `max(exclude_ball_size, group_size)`-block.
+
+    Returns:
+        torch.Tensor: int32 `[M / group_size, H, top_k]`, block ids in ascending order,
+        then -1 where the cloud has fewer than `top_k` candidates.
+    """
+    if not torch.compiler.is_compiling():
+        _check_tree(tree)
+        check_slots("q", q, tree)
+        check_power_of_two("compress_size", compress_size, maximum=tree.ball_size)
+        _check_selection_sizes(tree, select_size, group_size, compress_size)
+        check_int("top_k", top_k, minimum=1)
+        if exclude_ball_size is not None:
+            check_power_of_two("exclude_ball_size", exclude_ball_size, maximum=tree.ball_size)
+        _check_compressed(k_cmp, None, q, tree, compress_size)
+        _check_lse(lse, q)
+        _check_sigma(sigma, q)
+    kernels = select_backend("select_blocks", backend, q)
+    return kernels.select_blocks(q, k_cmp, lse, tree, compress_size, select_size, group_size,
+                                 top_k, sigma, _scale(scale, q), exclude_ball_size)
+
+
+def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: BallTree,
+                        indices: torch.Tensor, select_size: int, group_size: int,
+                        sigma: torch.Tensor | None = None, scale: float | None = None, *,
+                        backend: str = "auto") -> torch.Tensor:
+    """Each query attends to the real slots of the blocks its group selected.
+
+    Args:
+        q, k, v (torch.Tensor): `[M, H, D]` in slot order.
+        tree (BallTree): the tree they are laid out by.
+        indices (torch.Tensor): int32 `[M / group_size, H, top_k]` ids of `select_size`-blocks
+            (as from `select_blocks`): distinct per row, in the group's cloud, -1 for none.
+        select_size (int): size of the selected blocks.
+        group_size (int): queries of an aligned `group_size`-block share one selection.
+        sigma (torch.Tensor | None): `[H]`, adds `sigma[h] * ||p_i - p_j||` to each logit.
+        scale (float | None): logit scale, `1 / sqrt(D)` by default.
+
+    Returns:
+        torch.Tensor: `[M, H, D]`.
+    """
+    if not torch.compiler.is_compiling():
+        _check_qkv(q, k, v, tree)
+        _check_selection_sizes(tree, select_size, group_size)
+        _check_indices(indices, q, tree, select_size, group_size)
+        _check_sigma(sigma, q)
+    kernels = select_backend("selection_attention", backend, q)
+    return kernels.selection_attention(q, k, v, tree, indices, select_size, group_size, sigma,
+                                       _scale(scale, q))
+
+
+def _scale(scale: float | None, q: torch.Tensor) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def _check_tree(tree: object) -> None:
+    if not isinstance(tree, BallTree):
+        raise TypeError(
+            f"tree must be a BallTree from sparseball.build_tree, got {type(tree).__name__}"
+        )
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: BallTree) -> None:
+    _check_tree(tree)
+    check_slots("q", q, tree)
+    check_like("k", k, q, tuple(q.shape))
+    check_like("v", v, q, tuple(q.shape))
+
+
+def _check_compressed(k_cmp: torch.Tensor, v_cmp: torch.Tensor | None, q: torch.Tensor,
+                      tree: BallTree, compress_size: int) -> None:
+    shape = (tree.num_slots // compress_size, *q.shape[1:])
+    check_like("k_cmp", k_cmp, q, shape)
+    if v_cmp is not None:
+        check_like("v_cmp", v_cmp, q, shape)
+
+
+def _check_sigma(sigma: torch.Tensor | None, q: torch.Tensor) -> None:
+    if sigma is not None:
+        check_like("sigma", sigma, q, (q.shape[1],))
+
+
+def _check_lse(lse: object, q: torch.Tensor) -> None:
+    if not isinstance(lse, torch.Tensor):
+        raise TypeError(f"lse must be a torch.Tensor, got {type(lse).__name__}")
+    if tuple(lse.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"lse must have shape (M, H) = {tuple(q.shape[:2])}, got {tuple(lse.shape)}")
+    if lse.dtype != torch.float32:
+        raise TypeError(f"lse must be float32 (as compressed_attention returns it), got {lse.dtype}")
+    if lse.device != q.device:
+        raise ValueError(f"lse must be on the device of q ({q.device}), got {lse.device}")
+
+
+def _check_selection_sizes(tree: BallTree, select_size: int, group_size: int,
+                           compress_size: int | None = None) -> None:
+    check_power_of_two("select_size", select_size, maximum=tree.ball_size)
+    check_power_of_two("group_size", group_size, maximum=tree.ball_size)
+    if compress_size is not None and select_size % compress_size:
+        raise ValueError(
+            f"select_size must be a multiple of compress_size = {compress_size}, got {select_size}"
+        )
+
+
+def _check_indices(indices: object, q: torch.Tensor, tree: BallTree, select_size: int,
+                   group_size: int) -> None:
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 block ids (as select_blocks returns), got {indices.dtype}")
+    num_groups = tree.num_slots // group_size
+    if indices.ndim != 3 or tuple(indices.shape[:2]) != (num_groups, q.shape[1]) or indices.shape[2] < 1:
+        raise ValueError(
+            f"indices must have shape (M / group_size, H, top_k) = ({num_groups}, {q.shape[1]}, "
+            f"top_k >= 1), got {tuple(indices.shape)}"
+        )
+    if indices.device != q.device:
+        raise ValueError(f"indices must be on the device of q ({q.device}), got {indices.device}")
+    num_blocks = tree.num_slots // select_size
+    valid = indices >= 0
+    block_cloud = tree.slot_cloud[::select_size]
+    group_cloud = tree.slot_cloud[::group_size]
+    other_cloud = valid & (block_cloud[indices.clamp(0, num_blocks - 1).long()]
+                           != group_cloud[:, None, None])
+    ordered = indices.sort(dim=-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    problems = torch.stack([
+        (indices < -1).any() | (indices >= num_blocks).any(),
+        other_cloud.any(),
+        repeated.any(),
+    ]).tolist()  # one device sync for all three checks
+    if problems[0]:
+        raise ValueError(
+            f"indices must be block ids in [0, M / select_size) = [0, {num_blocks}) or -1, got "
+            f"values in [{int(indices.min())}, {int(indices.max())}]"
+        )
+    if problems[1]:
+        raise ValueError("indices must select blocks of the group's own cloud")
+    if problems[2]:
+        raise ValueError("indices must not repeat a block within one row (group, head)")

@@ -1,0 +1,192 @@
+"""The public API's argument checks and backend dispatch: every bad input gets an error that
+names the argument; a forced backend never falls back silently."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparseball
+from sparseball import ops
+from sparseball.backends import BACKENDS, default_backend, select_backend
+
+P = 16
+H, D = 2, 8
+
+
+@pytest.fixture(scope="module")
+def tree():
+    generator = torch.Generator().manual_seed(0)
+    pos = torch.randn(53, 3, generator=generator)
+    batch = torch.tensor([0] * 30 + [2] * 23)
+    return sparseball.build_tree(pos, batch, ball_size=P)
+
+
+@pytest.fixture
+def qkv(tree):
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(tree.num_slots, H, D, generator=generator) for _ in range(3)]
+
+
+def _compressed(tree, qkv, compress_size=4):
+    k_cmp = ops.compress(qkv[1], tree, compress_size)
+    v_cmp = ops.compress(qkv[2], tree, compress_size)
+    return k_cmp, v_cmp
+
+
+def test_public_ops_run(tree, qkv):
+    q, k, v = qkv
+    k_cmp, v_cmp = _compressed(tree, qkv)
+    out, lse = ops.compressed_attention(q, k_cmp, v_cmp, tree, 4)
+    indices = ops.select_blocks(q, k_cmp, lse, tree, 4, 8, 8, 2)
+    assert indices.dtype == torch.int32 and indices.shape == (tree.num_slots // 8, H, 2)
+    assert ops.selection_attention(q, k, v, tree, indices, 8, 8).shape == q.shape
+    assert ops.ball_attention(q, k, v, tree, 8).shape == q.shape
+    assert sparseball.attention(q, k, v, tree, top_k=2).shape == q.shape
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "match"),
+    [
+        (lambda q, k, v: (q[0], k, v), ValueError, r"q must have shape \(M, H, D\)"),
+        (lambda q, k, v: (q[:-1], k, v), ValueError, "q must have one row per slot"),
+        (lambda q, k, v: (q, k[:, :1], v), ValueError, "k must have shape"),
+        (lambda q, k, v: (q, k, v[..., :-1]), ValueError, "v must have shape"),
+        (lambda q, k, v: (q, k, v.double()), TypeError, "v must have the dtype of q"),
+        (lambda q, k, v: (q.long(), k, v), TypeError, "q must be float64, float32"),
+        (lambda q, k, v: (q.numpy(), k, v), TypeError, "q must be a torch.Tensor"),
+        (lambda q, k, v: (q[:, :0], k[:, :0], v[:, :0]), ValueError, "q must have H >= 1"),
+    ],
+)
+def test_bad_qkv(tree, qkv, mutate, error, match):
+    q, k, v = mutate(*qkv)
+    with pytest.raises(error, match=match):
+        ops.ball_attention(q, k, v, tree, P)
+    with pytest.raises(error, match=match):
+        sparseball.attention(q, k, v, tree)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"ball_size": 6}, ValueError, "ball_size must be a power of two"),
+        ({"ball_size": 2 * P}, ValueError, "ball_size must be <= tree.ball_size"),
+        ({"ball_size": 4.0}, TypeError, "ball_size must be an int"),
+        ({"compress_size": 3}, ValueError, "compress_size must be a power of two"),
+        ({"compress_size": 8, "select_size": 4}, ValueError, "select_size must be a multiple"),
+        ({"group_size": 12}, ValueError, "group_size must be a power of two"),
+        ({"top_k": 0}, ValueError, "top_k must be >= 1"),
+        ({"sigma": torch.ones(H + 1)}, ValueError, "sigma must have shape"),
+        ({"sigma": torch.ones(H, dtype=torch.float64)}, TypeError, "sigma must have the dtype"),
+        ({"gates": lambda m: torch.ones(m - 1, H, 3)}, ValueError, "gates must have shape"),
+        ({"gates": lambda m: torch.ones(m, H, 2)}, ValueError, "gates must have shape"),
+        ({"scale": float("nan")}, ValueError, "scale must be finite"),
+        ({"scale": "big"}, TypeError, "scale must be a float"),
+        ({"k_cmp": torch.ones(1)}, ValueError, "k_cmp and v_cmp must be given together"),
+        ({"backend": "tensorflow"}, ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_attention_arguments(tree, qkv, kwargs, error, match):
+    kwargs = {name: value(tree.num_slots) if callable(value) else value
+              for name, value in kwargs.items()}
+    with pytest.raises(error, match=match):
+        sparseball.attention(*qkv, tree, **kwargs)
+
+
+def test_bad_tree(qkv):
+    with pytest.raises(TypeError, match="tree must be a BallTree"):
+        ops.ball_attention(*qkv, tree={"perm": None}, ball_size=4)
+
+
+def test_bad_compressed_inputs(tree, qkv):
+    q = qkv[0]
+    k_cmp, v_cmp = _compressed(tree, qkv)
+    with pytest.raises(ValueError, match="k_cmp must have shape"):
+        ops.compressed_attention(q, k_cmp, v_cmp, tree, 8)
+    with pytest.raises(ValueError, match="v_cmp must have shape"):
+        ops.compressed_attention(q, k_cmp, v_cmp[:-1], tree, 4)
+    _, lse = ops.compressed_attention(q, k_cmp, v_cmp, tree, 4)
+    with pytest.raises(TypeError, match="lse must be float32"):
+        ops.select_blocks(q, k_cmp, lse.double(), tree, 4, 8, 8, 2)
+    with pytest.raises(ValueError, match=r"lse must have shape \(M, H\)"):
+        ops.select_blocks(q, k_cmp, lse[:, :1], tree, 4, 8, 8, 2)
+    with pytest.raises(ValueError, match="exclude_ball_size must be <= tree.ball_size"):
+        ops.select_blocks(q, k_cmp, lse, tree, 4, 8, 8, 2, exclude_ball_size=2 * P)
+
+
+def test_bad_indices(tree, qkv):
+    q, k, v = qkv
+    groups, blocks = tree.num_slots // 8, tree.num_slots // 8
+    good = torch.full((groups, H, 2), -1, dtype=torch.int32)
+    good[:, :, 0] = torch.arange(groups, dtype=torch.int32)[:, None]  # every group: own block
+    ops.selection_attention(q, k, v, tree, good, 8, 8)
+
+    cases = [
+        (good.float(), TypeError, "indices must be int32"),
+        (good[:-1], ValueError, r"indices must have shape \(M / group_size, H, top_k\)"),
+        (good.clone().fill_(blocks), ValueError, r"indices must be block ids in \[0, M / select_size\)"),
+        (good.clone().fill_(-2), ValueError, "indices must be block ids"),
+    ]
+    repeated = good.clone()
+    repeated[:, :, 1] = repeated[:, :, 0]
+    cases.append((repeated, ValueError, "indices must not repeat a block"))
+    other_cloud = good.clone()
+    other_cloud[0, :, 0] = blocks - 1  # the first group is in cloud 0, the last block in cloud 2
+    cases.append((other_cloud, ValueError, "indices must select blocks of the group's own cloud"))
+    for indices, error, match in cases:
+        with pytest.raises(error, match=match):
+            ops.selection_attention(q, k, v, tree, indices, 8, 8)
+
+
+def test_gpu_only_backend_on_cpu_tensors(tree, qkv):
+    for name in ("triton", "cupy"):
+        with pytest.raises(ValueError, match=f"backend '{name}' cannot run ball_attention.*cuda"):
+            ops.ball_attention(*qkv, tree, P, backend=name)
+
+
+def test_auto_picks_a_backend_that_serves(qkv):
+    assert select_backend("ball_attention", "auto", qkv[0]) is BACKENDS["torch"].kernels()
+
+
+def test_use_backend_sets_a_forced_default(tree, qkv):
+    assert default_backend() == "auto"
+    with sparseball.use_backend("torch"):
+        assert default_backend() == "torch"
+        ops.ball_attention(*qkv, tree, P)
+        with sparseball.use_backend("triton"):
+            with pytest.raises(ValueError, match="backend 'triton' cannot run"):
+                ops.ball_attention(*qkv, tree, P)
+        assert default_backend() == "torch"
+    assert default_backend() == "auto"
+    with pytest.raises(ValueError, match="name must be one of"):
+        with sparseball.use_backend("jax"):
+            pass
+
+
+def test_environment_variable_sets_the_default(tree, qkv, monkeypatch):
+    monkeypatch.setenv("SPARSEBALL_BACKEND", "cupy")
+    with pytest.raises(ValueError, match="backend 'cupy' cannot run"):
+        ops.ball_attention(*qkv, tree, P)
+    with sparseball.use_backend("torch"):  # the context manager wins over the environment
+        ops.ball_attention(*qkv, tree, P)
+    monkeypatch.setenv("SPARSEBALL_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="SPARSEBALL_BACKEND must be one of"):
+        ops.ball_attention(*qkv, tree, P)
+
+
+def test_import_without_optional_backends():
+    # Block triton and cupy imports entirely: `import sparseball` and the torch path must work.
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['cupy'] = None\n"
+        "import torch, sparseball\n"
+        "tree = sparseball.build_tree(torch.randn(40, 2), ball_size=8)\n"
+        "q = torch.randn(tree.num_slots, 1, 4)\n"
+        "print(sparseball.attention(q, q, q, tree, top_k=2).shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert "torch.Size([48, 1, 4])" in result.stdout
