@@ -1,16 +1,38 @@
 #!/usr/bin/env bash
 # Everything a CUDA machine should run, in one call: the GPU tests, the demo and the GPU
 # benchmarks. Uses the machine's own torch/triton/cupy/pytest (no installs, no internet).
-# Results go to $OUT (default ./out): logs, JSON and markdown tables.
+# Results (logs, JSON and markdown tables) go to /tmp/sparseball-results, packed into
+# $OUT/results.tar.gz
+# ($OUT defaults to ./out).
+#   bash bench/gpu.sh           # everything
+#   bash bench/gpu.sh tests     # one part: tests, demo, torch, triton, tree
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/out}"
-mkdir -p "$OUT"
+RESULTS=/tmp/sparseball-results
+rm -rf "$RESULTS"; mkdir -p "$RESULTS" "$OUT"
+parts="${*:-tests demo torch triton tree}"
 status=0
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -m pytest -q -m "gpu" -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" || status=1
-python3 -m sparseball demo 2>&1 | tee "$OUT/demo.log" || status=1
-python3 bench/torch_backend.py --out "$OUT" 2>&1 | tee "$OUT/torch_backend.log" || status=1
+# Peers for the benchmarks (bench/fetch_peers.sh puts them in .whl/; carry that folder).
+if compgen -G ".whl/*" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/peers .whl/* \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/peers"
+fi
+
+step() {  # step NAME COMMAND...: run one part, log it, remember failures
+  local name=$1; shift
+  [[ " $parts " == *" $name "* ]] || return 0
+  echo "=== $name: $*"
+  "$@" 2>&1 | tee "$RESULTS/$name.log" || status=1
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
+step tests python3 -m pytest -q -m gpu -p no:cacheprovider tests
+step demo python3 -m sparseball demo
+step torch python3 bench/torch_backend.py --out "$RESULTS"
+[[ -f bench/triton_ops.py ]] && step triton python3 bench/triton_ops.py --out "$RESULTS"
+[[ -f bench/tree_gpu.py ]] && step tree python3 bench/tree_gpu.py --out "$RESULTS"
+tar czf "$OUT/results.tar.gz" -C "$RESULTS" .
 exit $status
