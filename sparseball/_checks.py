@@ -58,3 +58,19 @@ def check_like(name: str, x: object, q: torch.Tensor, shape: tuple[int, ...]) ->
     if x.device != q.device:
         raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
 
+
+def check_tree(tree: object) -> None:
+    from .tree.balltree import BallTree  # the tree package imports this module
+
+    if not isinstance(tree, BallTree):
+        raise TypeError(
+            f"tree must be a BallTree from sparseball.build_tree, got {type(tree).__name__}"
+        )
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree) -> None:
+    check_tree(tree)
+    check_slots("q", q, tree)
+    check_like("k", k, q, tuple(q.shape))
+    check_like("v", v, q, tuple(q.shape))
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from ._checks import check_like, check_slots
+from ._checks import check_like, check_qkv, check_tree
 from .tree import BallTree
 
 
@@ -52,10 +52,7 @@ def attention(
     Returns:
         torch.Tensor: `[M, H, D]`.
     """
-    if not isinstance(tree, BallTree):
-        raise TypeError(
-            f"tree must be a BallTree from sparseball.build_tree, got {type(tree).__name__}"
-        )
+    check_tree(tree)
     largest = tree.ball_size
     ball_size = largest if ball_size is None else ball_size
     compress_size = min(32, largest) if compress_size is None else compress_size
@@ -64,8 +61,8 @@ def attention(
     if not torch.compiler.is_compiling():
         if (k_cmp is None) != (v_cmp is None):
             raise ValueError("k_cmp and v_cmp must be given together or not at all")
+        check_qkv(q, k, v, tree)
         if gates is not None:
-            check_slots("q", q, tree)
             check_like("gates", gates, q, (*q.shape[:2], 3))
 
     if k_cmp is None:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._checks import check_int, check_like, check_power_of_two, check_slots
+from ._checks import check_int, check_like, check_power_of_two, check_qkv, check_slots, check_tree
 from .backends import select_backend
 from .tree import BallTree
 
@@ -36,7 +36,7 @@ def compress(x: torch.Tensor, tree: BallTree, compress_size: int, *,
         torch.Tensor: `[M / c, H, D]`; zeros for blocks without a real slot.
     """
     if not torch.compiler.is_compiling():
-        _check_tree(tree)
+        check_tree(tree)
         check_slots("x", x, tree)
         check_power_of_two("compress_size", compress_size, maximum=tree.ball_size)
     return select_backend("compress", backend, x).compress(x, tree, compress_size)
@@ -58,7 +58,7 @@ def ball_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: Ball
         torch.Tensor: `[M, H, D]`.
     """
     if not torch.compiler.is_compiling():
-        _check_qkv(q, k, v, tree)
+        check_qkv(q, k, v, tree)
         check_power_of_two("ball_size", ball_size, maximum=tree.ball_size)
         _check_sigma(sigma, q)
     kernels = select_backend("ball_attention", backend, q)
@@ -84,7 +84,7 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
         of the logits `[M, H]` (no gradient; it feeds `select_blocks`).
     """
     if not torch.compiler.is_compiling():
-        _check_tree(tree)
+        check_tree(tree)
         check_slots("q", q, tree)
         check_power_of_two("compress_size", compress_size, maximum=tree.ball_size)
         _check_compressed(k_cmp, v_cmp, q, tree, compress_size)
@@ -123,7 +123,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, tree:
         then -1 where the cloud has fewer than `top_k` candidates.
     """
     if not torch.compiler.is_compiling():
-        _check_tree(tree)
+        check_tree(tree)
         check_slots("q", q, tree)
         check_power_of_two("compress_size", compress_size, maximum=tree.ball_size)
         _check_selection_sizes(tree, select_size, group_size, compress_size)
@@ -158,7 +158,7 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree:
         torch.Tensor: `[M, H, D]`.
     """
     if not torch.compiler.is_compiling():
-        _check_qkv(q, k, v, tree)
+        check_qkv(q, k, v, tree)
         _check_selection_sizes(tree, select_size, group_size)
         _check_indices(indices, q, tree, select_size, group_size)
         _check_sigma(sigma, q)
@@ -175,20 +175,6 @@ def _scale(scale: float | None, q: torch.Tensor) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return float(scale)
-
-
-def _check_tree(tree: object) -> None:
-    if not isinstance(tree, BallTree):
-        raise TypeError(
-            f"tree must be a BallTree from sparseball.build_tree, got {type(tree).__name__}"
-        )
-
-
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: BallTree) -> None:
-    _check_tree(tree)
-    check_slots("q", q, tree)
-    check_like("k", k, q, tuple(q.shape))
-    check_like("v", v, q, tuple(q.shape))
 
 
 def _check_compressed(k_cmp: torch.Tensor, v_cmp: torch.Tensor | None, q: torch.Tensor,

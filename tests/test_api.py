@@ -182,7 +182,7 @@ def test_import_without_optional_backends():
     code = (
         "import sys; sys.modules['triton'] = None; sys.modules['cupy'] = None\n"
         "import torch, sparseball\n"
-        "tree = sparseball.build_tree(torch.randn(40, 2), ball_size=8)\n"
+        "tree = sparseball.build_tree(torch.randn(41, 2), ball_size=8)\n"
         "q = torch.randn(tree.num_slots, 1, 4)\n"
         "print(sparseball.attention(q, q, q, tree, top_k=2).shape)\n"
     )
