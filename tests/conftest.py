@@ -30,3 +30,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_allocations(monkeypatch):
+    """Fresh float tensors from torch.empty & co. start as NaN, so that an op which leaves any
+    output element unwritten fails its test instead of passing on whatever memory held."""
+
+    def poisoned(allocate):
+        def wrapper(*args, **kwargs):
+            out = allocate(*args, **kwargs)
+            if out.is_floating_point():
+                with torch.no_grad():
+                    out.fill_(float("nan"))
+            return out
+        return wrapper
+
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, poisoned(getattr(torch, name)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))

@@ -1,0 +1,263 @@
+"""Shared test utilities: backends under test, random trees and inputs, the tolerance rule."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from hypothesis import strategies as st
+
+import sparseball
+import sparseball.backends.torch.ops as torch_ops
+from sparseball.tree import BallTree
+
+# Backends under test. Tests call ops through `call`, i.e. the public API forced to one backend;
+# every op takes the same positional arguments and tests always pass `sigma` and `scale`.
+BACKENDS = ("torch",)
+
+# Where each backend keeps its chunk budget (tests shrink it to exercise chunking).
+CHUNK_BUDGETS = {"torch": (torch_ops, "CHUNK_ELEMENTS")}
+
+
+def call(backend: str, op: str, *args):
+    """Run `op` through the public API (validation and dispatch included), forced to `backend`."""
+    return getattr(sparseball.ops, op)(*args, backend=backend)
+
+
+@contextlib.contextmanager
+def chunk_budget(backend: str, elements: int | None):
+    """Within the block, `backend` chunks its work by `elements` (None: its default)."""
+    if elements is None or backend not in CHUNK_BUDGETS:
+        yield
+        return
+    module, name = CHUNK_BUDGETS[backend]
+    saved = getattr(module, name)
+    setattr(module, name, elements)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+# Budgets drawn by the tests: one block/row/group per chunk, a few per chunk, the default.
+BUDGETS = (1, 300, 5000, None)
+
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+# ----------------------------------------------------------------------------------------------
+# Trees
+
+
+def random_tree(cloud_sizes, ball_size: int, dim: int, pos_dtype: torch.dtype,
+                rng: np.random.Generator) -> BallTree:
+    """A `BallTree` laid out as the contract says, with real slots placed at random.
+
+    A cloud of n points gets `P * ceil(n / P)` slots; n random slots of them are real and hold
+    the cloud's points in random order. Each padding slot repeats the first real slot of the
+    smallest aligned block that contains it and holds one (every P-block holds one, since all
+    but the last P-block of real points would not fill the others). Empty clouds get no slots.
+    Real slots are spread at random rather than by the split rule, so blocks without a real slot
+    (up to whole P-blocks but one) are common: the ops may not assume any layout.
+    """
+    P = ball_size
+    perm, mask, offsets = [], [], [0]
+    first_point = 0
+    for n in cloud_sizes:
+        slots = P * math.ceil(n / P)
+        point = np.full(slots, -1)
+        point[rng.choice(slots, size=n, replace=False)] = first_point + rng.permutation(n)
+        real = point >= 0
+        for j in np.flatnonzero(~real):
+            size = 2
+            while True:
+                start = j // size * size
+                hits = np.flatnonzero(real[start:start + size])
+                if hits.size:
+                    point[j] = point[start + hits[0]]
+                    break
+                size *= 2
+        perm.append(point)
+        mask.append(real)
+        offsets.append(offsets[-1] + slots)
+        first_point += n
+    perm_t = torch.from_numpy(np.concatenate(perm)).long()
+    positions = torch.from_numpy(rng.normal(size=(first_point, dim))).to(pos_dtype)
+    return BallTree(
+        perm=perm_t,
+        mask=torch.from_numpy(np.concatenate(mask)),
+        offsets=torch.tensor(offsets),
+        pos=positions[perm_t],
+        ball_size=P,
+        rotation_perms=torch.empty(0, perm_t.shape[0], dtype=torch.long),
+        offsets_list=tuple(offsets),
+        num_points=first_point,
+    )
+
+
+def powers_of_two(up_to: int):
+    """Strategy: a power of two in [1, up_to]."""
+    return st.sampled_from([1 << i for i in range(up_to.bit_length()) if 1 << i <= up_to])
+
+
+# Cloud sizes: the odd ones (1, a power of two minus one, a multiple of nothing) and any.
+CLOUD_SIZE = st.one_of(st.sampled_from([1, 7, 63, 111]), st.integers(1, 80))
+
+
+@dataclass
+class Problem:
+    """A drawn tree plus the shapes, dtype and random source of one test example."""
+
+    tree: BallTree
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    scale: float
+    with_sigma: bool
+    budget: int | None
+    generator: torch.Generator
+
+    def randn(self, *shape, dtype=None) -> torch.Tensor:
+        """Standard normal values (never zero), made exactly representable in the problem's
+        dtype, so that the float64 oracle sees exactly what the backend sees."""
+        x = torch.randn(*shape, generator=self.generator, dtype=torch.float64)
+        return x.to(dtype or self.dtype)
+
+    def slot_tensor(self) -> torch.Tensor:
+        return self.randn(self.tree.num_slots, self.heads, self.head_dim)
+
+    def sigma(self) -> torch.Tensor | None:
+        """A per-head bias slope in (-1, 1) (or None); negative favours nearby keys."""
+        if not self.with_sigma:
+            return None
+        x = torch.rand(self.heads, generator=self.generator, dtype=torch.float64) * 2 - 1
+        return x.to(self.dtype)
+
+
+@st.composite
+def problems(draw, dtype: torch.dtype, max_cloud_size: int = 130) -> Problem:
+    P = draw(st.sampled_from([4, 8, 16, 32]))
+    sizes = draw(st.lists(CLOUD_SIZE.filter(lambda n: n <= max_cloud_size), min_size=1,
+                          max_size=3))
+    if draw(st.booleans()):  # an empty cloud somewhere: offsets repeat, no slots
+        sizes.insert(draw(st.integers(0, len(sizes))), 0)
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    dim = draw(st.integers(1, 3))
+    tree = random_tree(sizes, P, dim, draw(st.sampled_from([torch.float32, torch.float64])), rng)
+    heads = draw(st.integers(1, 3))
+    head_dim = draw(st.sampled_from([1, 2, 3, 5, 8, 16]))
+    scale = draw(st.sampled_from([1 / math.sqrt(head_dim), 0.3, 1.7]))
+    return Problem(
+        tree=tree, heads=heads, head_dim=head_dim, dtype=dtype, scale=scale,
+        with_sigma=draw(st.booleans()), budget=draw(st.sampled_from(BUDGETS)),
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def leaves(*tensors):
+    """Copies of `tensors` that require grad (None stays None)."""
+    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+
+
+def grads(output: torch.Tensor, inputs, grad_output: torch.Tensor):
+    """Gradients of `(output * grad_output).sum()` with respect to `inputs` (None stays None)."""
+    wanted = [t for t in inputs if t is not None]
+    got = iter(torch.autograd.grad(output, wanted, grad_output, allow_unused=True))
+    return [None if t is None else next(got) for t in inputs]
+
+
+# ----------------------------------------------------------------------------------------------
+# The tolerance rule
+#
+# A backend must compute the contract's value of ITS inputs: the oracle gets the very same
+# values (inputs are drawn exactly representable in the low dtype and upcast exactly), so input
+# rounding is no error. What is left has two sources:
+#   1. the final rounding of each result to the output dtype: at most half an ulp, so
+#      |error| <= eps(out dtype) * |exact| covers it with a factor 2 to spare;
+#   2. the accumulation in the compute dtype (float32 for half inputs, the input dtype
+#      otherwise): sums of n terms in floating point err by about eps * sqrt(n) * (size of the
+#      terms) for random rounding. The size of the terms, `magnitude`, comes from the inputs
+#      (`attention_magnitudes`), not from the result: a gradient can cancel to ~0 while its
+#      terms do not (dq of a query with a single key is exactly 0 in theory, 1e-17 in the
+#      oracle). exp turns the absolute error of a logit (eps times its size L) into a relative
+#      error of the term, so attention magnitudes carry a factor (1 + L).
+#   K = ACCUMULATION_FACTOR absorbs the constants (a few roundings per term, exp and log).
+# So |backend - oracle| <= eps(out) * |oracle| + K * eps(compute) * sqrt(n) * magnitude
+# elementwise. With half inputs that is a tight test (a kernel that accumulated in half
+# precision would miss it by a factor ~2^13); for float32 and float64 it is a test of the
+# algorithm up to rounding.
+
+ACCUMULATION_FACTOR = 8
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def tolerance(expected: torch.Tensor, out_dtype: torch.dtype, reduction: int,
+              magnitude: float = 0.0) -> torch.Tensor:
+    """Elementwise bound on |backend - oracle| for results of dtype `out_dtype` that sum
+    `reduction` terms of size up to `magnitude` (see the rule above; the largest |expected| is
+    a floor for it)."""
+    expected = expected.detach().double()
+    finite = expected[torch.isfinite(expected)]
+    if finite.numel():
+        magnitude = max(magnitude, float(finite.abs().max()))
+    eps_out = torch.finfo(out_dtype).eps
+    eps_compute = torch.finfo(compute_dtype(out_dtype)).eps
+    return (eps_out * expected.abs()
+            + ACCUMULATION_FACTOR * eps_compute * math.sqrt(max(reduction, 1)) * magnitude)
+
+
+def attention_magnitudes(q, k, v, grad_out, scale, sigma, pos) -> dict[str, float]:
+    """Bounds on the size of the terms summed by attention and its backward, by result.
+
+    With `P = softmax(S)`, `dS_ij = P_ij (dO_i . v_j - dO_i . O_i)`, each term of
+    `dq_i = scale sum_j dS_ij k_j` is at most `2 scale |dO| |v| |k|` (row norms over D), of
+    `dk_j` `2 scale |dO| |v| |q|`, of `dv_j = sum_i P_ij dO_i` `|dO|`, of
+    `dsigma = sum_ij dS_ij dist_ij` `2 |dO| |v| max dist`; the output sums `P_ij v_j`, at most
+    `|v|`. The logits are at most `L = scale |q| |k| + |sigma| max dist`, and each of these
+    bounds gets a factor `(1 + L)` for the error exp makes of the logits' rounding. `pos`: the
+    positions of the query and key slots.
+    """
+    def norm(x):
+        return float(x.double().norm(dim=-1).max())
+
+    dist = float(torch.cdist(pos.double(), pos.double()).max()) if sigma is not None else 0.0
+    slope = float(sigma.double().abs().max()) if sigma is not None else 0.0
+    logits = scale * norm(q) * norm(k) + slope * dist
+    dov = 2 * norm(grad_out) * norm(v)
+    terms = {
+        "out": norm(v),
+        "q": dov * scale * norm(k),
+        "k": dov * scale * norm(q),
+        "v": norm(grad_out),
+        "sigma": dov * dist,
+    }
+    return {"logits": logits, **{name: (1 + logits) * size for name, size in terms.items()}}
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, reduction: int, name: str,
+                   out_dtype: torch.dtype | None = None, magnitude: float = 0.0):
+    """`actual` is within `tolerance` of the oracle's `expected`; infinities must agree."""
+    out_dtype = out_dtype or actual.dtype
+    actual = actual.cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert not torch.isnan(actual).any(), f"{name}: NaN at {torch.nonzero(torch.isnan(actual))[:5]}"
+    actual, expected = actual.detach().double(), expected.detach().double()
+    infinite = ~torch.isfinite(expected)
+    assert torch.equal(actual[infinite], expected[infinite]), f"{name}: infinities differ"
+    bound = tolerance(expected, out_dtype, reduction, magnitude)
+    error = (actual - expected).abs().masked_fill(infinite, 0)
+    bad = error > bound
+    if bad.any():
+        where = torch.nonzero(bad)[:5].tolist()
+        worst = float((error / bound.clamp(min=1e-300)).max())
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements off the oracle ({out_dtype}, "
+            f"reduction {reduction}); worst error/bound {worst:.3g}; first at {where}: "
+            f"got {actual[bad][:5].tolist()}, expected {expected[bad][:5].tolist()}"
+        )
