@@ -21,18 +21,18 @@ if compgen -G ".whl/*" > /dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/peers"
 fi
 
-step() {  # step NAME COMMAND...: run one part, log it, remember failures
-  local name=$1; shift
+step() {  # step NAME SECONDS COMMAND...: run one part within a time limit, log it
+  local name=$1 limit=$2; shift 2
   [[ " $parts " == *" $name "* ]] || return 0
   echo "=== $name: $*"
-  "$@" 2>&1 | tee "$RESULTS/$name.log" || status=1
+  timeout "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log" || { status=1; echo "=== $name FAILED"; }
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
-step tests python3 -m pytest -q -m gpu -p no:cacheprovider tests
-step demo python3 -m sparseball demo
-step torch python3 bench/torch_backend.py --out "$RESULTS"
-[[ -f bench/triton_ops.py ]] && step triton python3 bench/triton_ops.py --out "$RESULTS"
-[[ -f bench/tree_gpu.py ]] && step tree python3 bench/tree_gpu.py --out "$RESULTS"
+step tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider tests
+step demo 120 python3 -m sparseball demo
+step torch 150 python3 bench/torch_backend.py --out "$RESULTS"
+[[ -f bench/triton_ops.py ]] && step triton 200 python3 bench/triton_ops.py --out "$RESULTS"
+[[ -f bench/tree_gpu.py ]] && step tree 150 python3 bench/tree_gpu.py --out "$RESULTS"
 tar czf "$OUT/results.tar.gz" -C "$RESULTS" .
 exit $status

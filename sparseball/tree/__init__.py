@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -39,11 +41,15 @@ def build_tree(
     num_clouds = _check_tree_inputs(pos, batch, ball_size, rotations, backend)
     builder = _resolve_builder(backend, pos.device)
     if builder == "cupy":
-        raise ValueError(
-            "backend='cupy': the CuPy tree builder is not available in this version of "
-            "sparseball; use backend='numba' (CUDA inputs are built on the CPU and returned "
-            "on their device)"
-        )
+        if pos.device.type != "cuda":
+            raise ValueError(
+                f"backend='cupy' builds on a CUDA device: pos must be a CUDA tensor, got {pos.device}")
+        if not _cupy_available():
+            raise ValueError(
+                "backend='cupy' needs CuPy (pip install cupy-cuda13x), which cannot be imported")
+        from .cupy_builder import build_tree_cupy
+
+        return build_tree_cupy(pos, batch, num_clouds, ball_size, rotations)
     from .numba_builder import build_numba
 
     pos_host = pos.detach().cpu().contiguous().numpy()
@@ -70,9 +76,40 @@ def build_tree(
 
 def _resolve_builder(backend: str, device: torch.device) -> str:
     if backend == "auto":
-        # Until the CuPy builder lands, CUDA inputs are built on the CPU too.
+        if device.type == "cuda":
+            if _cupy_available():
+                return "cupy"
+            _warn_no_cupy_once()
         return "numba"
     return backend
+
+
+_CUPY_AVAILABLE: bool | None = None
+_WARNED_NO_CUPY = False
+
+
+def _cupy_available() -> bool:
+    global _CUPY_AVAILABLE
+    if _CUPY_AVAILABLE is None:
+        try:
+            import cupy  # noqa: F401
+
+            _CUPY_AVAILABLE = True
+        except Exception:  # ImportError, or CuPy failing to find its CUDA libraries
+            _CUPY_AVAILABLE = False
+    return _CUPY_AVAILABLE
+
+
+def _warn_no_cupy_once() -> None:
+    global _WARNED_NO_CUPY
+    if not _WARNED_NO_CUPY:
+        _WARNED_NO_CUPY = True
+        warnings.warn(
+            "build_tree(backend='auto'): CuPy cannot be imported, so CUDA inputs are built on the "
+            "CPU by the Numba builder and copied back (install cupy-cuda13x to build on the GPU)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _check_tree_inputs(pos, batch, ball_size, rotations, backend) -> int:
