@@ -61,12 +61,11 @@ def build_tree(
         pos_host, batch_host, num_clouds, ball_size, rotations
     )
     device = pos.device
-    perm_t = torch.from_numpy(perm).to(device)
     return BallTree(
-        perm=perm_t,
+        perm=torch.from_numpy(perm).to(device),
         mask=torch.from_numpy(mask).to(device),
         offsets=torch.from_numpy(offsets).to(device),
-        pos=pos.detach()[perm_t],
+        pos=torch.from_numpy(pos_host[perm]).to(device),
         ball_size=ball_size,
         rotation_perms=torch.from_numpy(rotation_perms).to(device),
         offsets_list=tuple(int(o) for o in offsets),
@@ -124,8 +123,11 @@ def _check_tree_inputs(pos, batch, ball_size, rotations, backend) -> int:
         raise ValueError("pos must hold at least one point, got shape (0, dim)")
     if pos.shape[1] == 0:
         raise ValueError(f"pos must have dim >= 1 coordinates, got shape {tuple(pos.shape)}")
-    if not bool(torch.isfinite(pos).all()):
-        bad = torch.nonzero(~torch.isfinite(pos).all(1))[0].item()
+    # CPU tensors are checked through NumPy views: torch's thread pool start-up costs more
+    # than the check itself on small batches.
+    finite = np.isfinite(pos.detach().numpy()) if pos.device.type == "cpu" else torch.isfinite(pos)
+    if not bool(finite.all()):
+        bad = int(np.flatnonzero(~np.asarray(finite.all(1).tolist()))[0])
         raise ValueError(f"pos must be finite, got NaN or inf at point {bad}")
     check_power_of_two("ball_size", ball_size)
     if ball_size < 2:
@@ -145,7 +147,8 @@ def _check_tree_inputs(pos, batch, ball_size, rotations, backend) -> int:
         )
     if batch.device != pos.device:
         raise ValueError(f"batch must be on the device of pos ({pos.device}), got {batch.device}")
-    lowest = int(batch.min())
+    ids = batch.numpy() if batch.device.type == "cpu" else batch
+    lowest, highest = (int(ids.min()), int(ids.max()))
     if lowest < 0:
         raise ValueError(f"batch must hold cloud ids >= 0, got {lowest}")
-    return int(batch.max()) + 1
+    return highest + 1

@@ -4,19 +4,21 @@ Points are copied once into cloud order as float64 columns `coords[:, t]` next t
 index `idx[t]`. Every tree node owns a contiguous run of columns. Two split methods share the
 work:
 
-- Big nodes are split by an in-place quickselect on the key `(coordinate, index)` that moves
-  the columns themselves, so each child again owns a contiguous run. The top levels are split
-  level by level, in parallel over all nodes of the level (a lone root finds its split axis
-  with a parallel reduction); the rest is dealt to the threads, each finishing its subtrees
-  depth first: one parallel region for all lower levels, which keeps batches of small clouds
-  cheap.
+- Big nodes are split by an in-place quickselect on the key `(coordinate, index)` (sampled
+  pivots, block partitioning) that moves the columns themselves, so each child again owns a
+  contiguous run.
 - A node that fits in cache (`_LISTED` columns) is sorted once per axis (radix sort), and its
   subtree never compares coordinates again: every node keeps one list of its columns per
   axis, in that axis' order, so its spread along an axis is last minus first, and its split
   takes the first `n_left` of the split axis' list and stably partitions the other lists by
-  that choice (branch-free, linear). Lists ping-pong between two buffers level to level.
+  that choice (branch-free, linear). Lists ping-pong between two buffers level to level;
+  nodes of at most 8 columns are finished by sorting networks.
 
-The rotated orderings run the same core on the slots.
+The top levels of big clouds are split level by level, in parallel over all nodes of the
+level (a lone root finds its split axis with a parallel reduction). The remaining nodes are
+dealt to the threads, each finishing its subtrees depth first: one parallel region for all
+lower levels, which keeps batches of small clouds cheap. The rotated orderings run the same
+code on the slots.
 """
 
 from __future__ import annotations
@@ -329,7 +331,7 @@ def _finish(coords, idx, lists, side, tasks, k, ball_size, out, stack):
                 base = first
             buf = state - 1
             lo = first - base
-            if rows <= 1 or (rows <= 4 and slots <= ball_size):
+            if rows <= 1 or (rows <= 8 and slots <= ball_size):
                 _place_small(coords, idx, lists, buf, base, lo, rows, slot, slots, out)
                 continue
             axis = _widest(coords, lists, buf, base, lo, rows)
@@ -402,9 +404,9 @@ def _sort_columns(values, idx, first, rows, out):
     while high > low and not (varying >> high) & 1:
         high -= 1
     width = high - low + 1 if varying else 0
-    # Digits of about log2(rows) - 4 bits: buckets stay few next to the keys.
+    # Digits of about log2(rows) - 3 bits: buckets stay few next to the keys.
     most = 6
-    while most < _DIGIT_BITS and 1 << (most + 4) < rows:
+    while most < _DIGIT_BITS and 1 << (most + 3) < rows:
         most += 1
     passes = (width + most - 1) // most
     bits = (width + passes - 1) // passes if passes else 1
@@ -515,25 +517,77 @@ def _split_lists(lists, buf, axis, side, lo, rows, left_rows):
 
 @njit(cache=True)
 def _place_small(coords, idx, lists, buf, base, lo, rows, slot, slots, out):
-    """Finish a listed node of at most one column, or at most 4 and at most P slots.
+    """Finish a listed node of at most one column, or at most 8 and at most P slots, without
+    moving lists: nodes this small cost more in loop overhead than in work.
 
-    A split sends floor(n/2) columns left at or below P and none of a lone column above, so
-    a lone column ends in its node's last slot and a pair in the last slot of each half.
+    At or below P a split sends floor(n/2) columns left, and none of a lone column above.
     """
     if rows == 0:
         return
-    if rows <= 2:
-        _place_pair(coords, idx, base + lists[buf, 0, lo], base + lists[buf, 0, lo + rows - 1],
-                    rows, slot, slots, out)
+    if rows <= 4:
+        _place_quad(coords, idx, _column(lists, buf, 0, base, lo, rows, 0),
+                    _column(lists, buf, 0, base, lo, rows, 1),
+                    _column(lists, buf, 0, base, lo, rows, 2),
+                    _column(lists, buf, 0, base, lo, rows, 3), rows, slot, slots, out)
         return
     axis = _widest(coords, lists, buf, base, lo, rows)
     half = slots // 2
-    # 3 columns split 1 + 2, 4 columns 2 + 2; the split axis' list orders them.
     left = rows // 2
-    _place_pair(coords, idx, base + lists[buf, axis, lo], base + lists[buf, axis, lo + left - 1],
-                left, slot, half, out)
-    _place_pair(coords, idx, base + lists[buf, axis, lo + left],
-                base + lists[buf, axis, lo + rows - 1], rows - left, slot + half, half, out)
+    _place_quad(coords, idx, _column(lists, buf, axis, base, lo, left, 0),
+                _column(lists, buf, axis, base, lo, left, 1),
+                _column(lists, buf, axis, base, lo, left, 2),
+                _column(lists, buf, axis, base, lo, left, 3), left, slot, half, out)
+    _place_quad(coords, idx, _column(lists, buf, axis, base, lo + left, rows - left, 0),
+                _column(lists, buf, axis, base, lo + left, rows - left, 1),
+                _column(lists, buf, axis, base, lo + left, rows - left, 2),
+                _column(lists, buf, axis, base, lo + left, rows - left, 3), rows - left,
+                slot + half, half, out)
+
+
+@njit(cache=True)
+def _column(lists, buf, axis, base, lo, rows, k):
+    """The k-th column of a run of `rows` (its last one past the end)."""
+    return base + lists[buf, axis, lo + min(k, rows - 1)]
+
+
+@njit(cache=True)
+def _place_quad(coords, idx, c0, c1, c2, c3, rows, slot, slots, out):
+    """Place `rows` <= 4 columns (the first `rows` of c0..c3) into `slots` <= P slots from
+    `slot`: a sorting network along the split axis, then a pair or a lone column per half."""
+    if rows <= 2:
+        _place_pair(coords, idx, c0, c1, rows, slot, slots, out)
+        return
+    best = 0
+    widest = -1.0
+    for a in range(coords.shape[0]):
+        low = min(min(coords[a, c0], coords[a, c1]), min(coords[a, c2], coords[a, c3]))
+        high = max(max(coords[a, c0], coords[a, c1]), max(coords[a, c2], coords[a, c3]))
+        better = high - low > widest  # c3 repeats c2 for 3 columns
+        best = a if better else best
+        widest = high - low if better else widest
+    half = slots // 2
+    if rows == 3:
+        a0, a1 = _ordered(coords, idx, best, c0, c1)
+        b1, b2 = _ordered(coords, idx, best, a1, c2)
+        d0, d1 = _ordered(coords, idx, best, a0, b1)
+        _place_pair(coords, idx, d0, d0, 1, slot, half, out)
+        _place_pair(coords, idx, d1, b2, 2, slot + half, half, out)
+        return
+    a0, a1 = _ordered(coords, idx, best, c0, c1)
+    a2, a3 = _ordered(coords, idx, best, c2, c3)
+    b0, b2 = _ordered(coords, idx, best, a0, a2)
+    b1, b3 = _ordered(coords, idx, best, a1, a3)
+    e1, e2 = _ordered(coords, idx, best, b1, b2)
+    _place_pair(coords, idx, b0, e1, 2, slot, half, out)
+    _place_pair(coords, idx, e2, b3, 2, slot + half, half, out)
+
+
+@njit(cache=True)
+def _ordered(coords, idx, axis, p, q):
+    """(p, q) in the order (coordinate on `axis`, index), by selects (see `_place_pair`)."""
+    flip = (coords[axis, q] < coords[axis, p]) | (
+        (coords[axis, q] == coords[axis, p]) & (idx[q] < idx[p]))
+    return (q if flip else p), (p if flip else q)
 
 
 @njit(cache=True)
@@ -551,11 +605,9 @@ def _place_pair(coords, idx, p, q, rows, slot, slots, out):
         widest = spread if better else widest
     # Bitwise, not short-circuit, logic and selects: these outcomes are coin flips, and
     # mispredicted branches cost more than the whole placement.
-    cp = coords[best, p]
-    cq = coords[best, q]
-    flip = (cq < cp) | ((cq == cp) & (idx[q] < idx[p]))
-    out[slot + slots // 2 - 1] = idx[q if flip else p]
-    out[slot + slots - 1] = idx[p if flip else q]
+    low, high = _ordered(coords, idx, best, p, q)
+    out[slot + slots // 2 - 1] = idx[low]
+    out[slot + slots - 1] = idx[high]
 
 
 # ---------------------------------------------------------------------------------------------
