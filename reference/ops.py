@@ -44,7 +44,6 @@ def _block_has_real_slot(tree, size: int) -> torch.Tensor:
     return tree.mask.reshape(-1, size).any(1)
 
 
-# ----------------------------------------------------------------------------------------------
 # Key sets
 
 
@@ -80,7 +79,6 @@ def selection_key_mask(tree, indices: torch.Tensor, select_size: int,
     return per_key & tree.mask[None, None, :]
 
 
-# ----------------------------------------------------------------------------------------------
 # Dense attention
 
 
@@ -110,7 +108,6 @@ def _attention(logits: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor):
     return out, lse
 
 
-# ----------------------------------------------------------------------------------------------
 # The ops
 
 

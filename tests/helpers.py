@@ -47,7 +47,6 @@ BUDGETS = (1, 300, 5000, None)
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
-# ----------------------------------------------------------------------------------------------
 # Trees
 
 
@@ -169,7 +168,6 @@ def grads(output: torch.Tensor, inputs, grad_output: torch.Tensor):
     return [None if t is None else next(got) for t in inputs]
 
 
-# ----------------------------------------------------------------------------------------------
 # The tolerance rule
 #
 # A backend must compute the contract's value of ITS inputs: the oracle gets the very same

@@ -78,7 +78,6 @@ def test_subtree_shared_memory_fits(tmp_path):
     assert static + cupy_builder.SMEM_BUDGET <= 48 * 1024
 
 
-# ----------------------------------------------------------------------------------------------
 # The kernels on the CPU.
 
 needs_gxx = pytest.mark.skipif(not cuda_emu.available(), reason="g++ not found")

@@ -90,7 +90,6 @@ def _assert_empty_rows_zero(out, allowed, name):
     assert torch.equal(out[empty], torch.zeros_like(out[empty])), f"{name}: empty rows not 0"
 
 
-# ----------------------------------------------------------------------------------------------
 # Outputs and gradients against the oracle
 
 
@@ -269,7 +268,6 @@ def _assert_valid_top_k(indices, importance, slack, candidate, top_k):
                 assert worst_kept >= best_left, f"not the top {top_k}, {where}"
 
 
-# ----------------------------------------------------------------------------------------------
 # Padding invariance and cloud isolation (exact)
 
 
@@ -485,7 +483,6 @@ def test_clouds_are_isolated(backend, data):
                          f"{op}: d{name} leaks across clouds")
 
 
-# ----------------------------------------------------------------------------------------------
 # gradcheck
 
 
@@ -522,7 +519,6 @@ def test_gradcheck(backend, budget):
             assert torch.autograd.gradcheck(fn, args), name
 
 
-# ----------------------------------------------------------------------------------------------
 # The torch backend's chunk plan
 
 

@@ -25,7 +25,6 @@ BALL_SIZES = (2, 4, 8, 16, 32, 64)
 LAYOUTS = ("random", "duplicates", "collinear", "identical", "grid", "signed zeros")
 
 
-# ----------------------------------------------------------------------------------------------
 # Inputs
 
 
@@ -84,7 +83,6 @@ def _build(pos, batch, ball_size, rotations=0, backend="numba"):
                                  ball_size=ball_size, rotations=rotations, backend=backend)
 
 
-# ----------------------------------------------------------------------------------------------
 # Direct checks of the contract
 
 
@@ -202,7 +200,6 @@ def assert_same_as_reference(tree, pos, batch, ball_size, rotations):
         np.testing.assert_array_equal(have.numpy(), want, err_msg=name)
 
 
-# ----------------------------------------------------------------------------------------------
 # Property tests
 
 
@@ -343,7 +340,6 @@ def test_quickselect_fallback_sorts():
     assert keys == sorted(keys)
 
 
-# ----------------------------------------------------------------------------------------------
 # BallTree methods
 
 
@@ -396,7 +392,6 @@ def test_rotated_errors():
         _build(pos, batch, 4).rotated(0)
 
 
-# ----------------------------------------------------------------------------------------------
 # Argument errors
 
 

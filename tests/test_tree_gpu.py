@@ -28,7 +28,6 @@ HAS_NUMBA_BUILDER = importlib.util.find_spec("sparseball.tree.numba_builder") is
 FIELDS = ("perm", "mask", "offsets", "rotation_perms")
 
 
-# ----------------------------------------------------------------------------------------------
 # Inputs
 
 
@@ -90,7 +89,6 @@ def _edge_cases():
 EDGE_CASES = _edge_cases()
 
 
-# ----------------------------------------------------------------------------------------------
 # Brute-force checks of the contract's invariants (independent of every builder).
 
 
@@ -136,7 +134,6 @@ def _assert_same(got, want):
         np.testing.assert_array_equal(g, w, err_msg=name)
 
 
-# ----------------------------------------------------------------------------------------------
 # CPU: the NumPy path.
 
 
@@ -209,7 +206,6 @@ def test_cupy_backend_needs_cuda_tensor():
         sparseball.build_tree(torch.randn(10, 3), ball_size=4, backend="cupy")
 
 
-# ----------------------------------------------------------------------------------------------
 # GPU: the CuPy builder against the Numba builder (run with `pytest -m gpu`).
 
 

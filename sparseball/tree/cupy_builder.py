@@ -71,7 +71,6 @@ def subtree_smem_bytes(cap: int, dim: int) -> int:
     return cap * (11 + 2 * dim)
 
 
-# ----------------------------------------------------------------------------------------------
 # The plan: node tables from the per-cloud counts alone (host, NumPy).
 
 
@@ -138,7 +137,6 @@ def plan_tree(counts, starts, slot_starts, ball_size: int, cap: int):
     return levels, np.ascontiguousarray(small_table)
 
 
-# ----------------------------------------------------------------------------------------------
 # Kernel sets: the CUDA kernels (CuPy, or the CPU emulator) and their NumPy equivalents.
 
 
@@ -309,7 +307,6 @@ def _cupy_ops() -> _KernelOps:
     return _CUPY_OPS[device]
 
 
-# ----------------------------------------------------------------------------------------------
 # The build, written once against `xp`.
 
 

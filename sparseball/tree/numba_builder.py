@@ -187,7 +187,6 @@ def _load_range(pos, src, rotation, coords, lo, hi):
             coords[i, t] = acc
 
 
-# ---------------------------------------------------------------------------------------------
 # Scheduling
 
 
@@ -364,7 +363,6 @@ def _split_sizes(rows, slots, ball_size):
     return rows * (balls // 2) // balls, (balls // 2) * ball_size
 
 
-# ---------------------------------------------------------------------------------------------
 # Sorted lists
 
 
@@ -610,7 +608,6 @@ def _place_pair(coords, idx, p, q, rows, slot, slots, out):
     out[slot + slots - 1] = idx[high]
 
 
-# ---------------------------------------------------------------------------------------------
 # Quickselect
 
 
@@ -854,7 +851,6 @@ def _sift_down(coords, idx, lo, root, n, axis):
         root = child
 
 
-# ---------------------------------------------------------------------------------------------
 # Padding
 
 

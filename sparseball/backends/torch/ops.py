@@ -33,7 +33,6 @@ __all__ = [
 CHUNK_ELEMENTS = 1 << 26
 
 
-# ----------------------------------------------------------------------------------------------
 # The ops
 
 
@@ -182,7 +181,6 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree,
     return torch.cat(outs)
 
 
-# ----------------------------------------------------------------------------------------------
 # Chunk bodies: each sees only its own slice of queries, so its memory is bounded by the budget.
 
 
@@ -241,7 +239,6 @@ def _selection_chunk(q, keys, values, indices, mask, q_pos, pos, sigma, *, selec
     return out.transpose(1, 2).reshape(rows, H, D).to(q.dtype)
 
 
-# ----------------------------------------------------------------------------------------------
 # Shared pieces
 
 
