@@ -31,7 +31,7 @@ step() {  # step NAME SECONDS COMMAND...: run one part within a time limit, log 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
 step tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider tests
 step demo 120 python3 -m sparseball demo
-step torch 150 python3 bench/torch_backend.py --out "$RESULTS"
+step torch 240 python3 bench/torch_backend.py --out "$RESULTS"
 [[ -f bench/triton_ops.py ]] && step triton 200 python3 bench/triton_ops.py --out "$RESULTS"
 [[ -f bench/tree_gpu.py ]] && step tree 150 python3 bench/tree_gpu.py --out "$RESULTS"
 tar czf "$OUT/results.tar.gz" -C "$RESULTS" .
