@@ -190,3 +190,13 @@ def test_import_without_optional_backends():
                             check=False)
     assert result.returncode == 0, result.stderr
     assert "torch.Size([48, 1, 4])" in result.stdout
+
+
+def test_auto_skips_backends_not_yet_validated_on_a_gpu(qkv, monkeypatch):
+    # Under the interpreter triton could serve CPU tensors, but it has not passed its GPU
+    # tests yet, so "auto" must still take torch; asked for by name, triton serves.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not BACKENDS["triton"].in_auto
+    assert BACKENDS["triton"].not_supported_reasons("ball_attention", qkv[0].device,
+                                                    qkv[0].dtype, D) == []
+    assert select_backend("ball_attention", "auto", qkv[0]) is BACKENDS["torch"].kernels()

@@ -1,0 +1,136 @@
+"""Helpers shared by the Triton kernels: tile sizes, output allocation, jit building blocks."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+# tl.constexpr so that kernels may read them as globals.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# Tests set this so every output starts as NaN (or -7 for integers): an element a kernel
+# forgets to write then fails the comparison instead of passing by luck.
+POISON = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def new_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if POISON:
+        fill = math.nan if dtype.is_floating_point else -7
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def block_d(head_dim: int) -> int:
+    """Head dims are padded (by masked loads, not copies) to a power of two >= 16 for tl.dot."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# Half-precision inputs: products with an operand computed in float32 (probabilities P and
+# their gradients dS) split it into two half-precision parts, hi + lo, and run two tensor-core
+# dots. Rounding P to one half (the usual FlashAttention way) errs by 2^-9 relative for
+# bfloat16, ~7x over the project's tolerance rule (tests/helpers.py); the split errs by
+# 2^-17. It costs one more dot for P @ V, dS @ K, dS^T @ Q and P^T @ dO. Benchmarks may set
+# this False to measure the one-dot way.
+SPLIT_HALF_PRODUCTS = True
+
+
+def exact_delta_wanted(dtype: torch.dtype) -> bool:
+    """Whether the backward forms delta_i = sum_j P_ij dP_ij from recomputed P and dP rather
+    than as dO_i . O_i: the stored half-precision O carries a rounding of 2^-9 relative, which
+    dq, dk and dsigma inherit (the usual FlashAttention way, ~3x over the project's tolerance
+    rule). It costs recomputing Q K^T and dO V^T once more in the backward."""
+    return dtype != torch.float32 and SPLIT_HALF_PRODUCTS
+
+
+def dot_modes(dtype: torch.dtype) -> dict[str, bool]:
+    """The constexprs FP32 / UPCAST / SPLIT of `_dot` and `_dot_split` for inputs of `dtype`.
+
+    FP32: float32 inputs use 3xTF32 products on tensor cores: plain tf32 would lose 3 decimal
+    digits against the torch backend, and IEEE float32 dots spill registers massively.
+    UPCAST: the CPU interpreter multiplies bfloat16 operands wrongly (triton 3.9), so there
+    half-precision dots run in float32 on operands already rounded to the input dtype, which
+    gives what the tensor cores give.
+    """
+    return dict(FP32_DOT=dtype == torch.float32, UPCAST_DOT=interpreting(),
+                SPLIT_DOT=SPLIT_HALF_PRODUCTS)
+
+
+def cloud_ranges(offsets: torch.Tensor, unit: int, num_units: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot range `[lo, hi)` of the cloud holding each aligned `unit`-block, as two int64
+    tensors of `num_units`. Clouds own multiples of `unit` slots, so no block straddles two."""
+    sizes = (offsets[1:] - offsets[:-1]) // unit
+    lo = torch.repeat_interleave(offsets[:-1], sizes, output_size=num_units)
+    hi = torch.repeat_interleave(offsets[1:], sizes, output_size=num_units)
+    return lo.contiguous(), hi.contiguous()
+
+
+@triton.jit
+def _dot(a, b, FP32: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b for operands in the input dtype, accumulated in float32."""
+    if FP32 or UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _dot_split(a, b, FP32: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b for a float32 `a` (probabilities, their gradients) and `b` in the input dtype."""
+    if FP32:
+        return _dot(a, b, FP32, UPCAST)
+    else:
+        hi = a.to(b.dtype)
+        out = _dot(hi, b, FP32, UPCAST)
+        if SPLIT:
+            lo = (a - hi.to(tl.float32)).to(b.dtype)
+            out += _dot(lo, b, FP32, UPCAST)
+        return out
+
+
+@triton.jit
+def _distance(pos_a, rows, rows_ok, pos_b, cols, cols_ok, DIM: tl.constexpr):
+    """Euclidean distances `[len(rows), len(cols)]` between float32 points `pos_a[rows]` and
+    `pos_b[cols]` (both `[*, DIM]`), by coordinate differences: ||a||^2 + ||b||^2 - 2ab would
+    cancel for nearby points far from the origin."""
+    d2 = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+    for c in tl.static_range(DIM):
+        a = tl.load(pos_a + rows * DIM + c, mask=rows_ok, other=0.0)
+        b = tl.load(pos_b + cols * DIM + c, mask=cols_ok, other=0.0)
+        diff = a[:, None] - b[None, :]
+        d2 += diff * diff
+    return tl.sqrt(d2)
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(O, DO, DELTA, M, H, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
+    """delta[i, h] = sum_d o[i, h, d] * do[i, h, d] in float32, the softmax backward's
+    row term; computed once here for kernels that need it for rows they do not own."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    ok = (rows < M)[:, None] & (dims < D)[None, :]
+    offs = rows[:, None] * (H * D) + h * D + dims[None, :]
+    o = tl.load(O + offs, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows * H + h, tl.sum(o * do, axis=1), mask=rows < M)
+
+
+def attention_bwd_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    M, H, D = out.shape
+    delta = new_tensor((M, H), torch.float32, out.device)
+    block_m = 64
+    wrap_triton(_attention_bwd_delta_kernel)[(triton.cdiv(M, block_m), H)](
+        out, dout, delta, M, H, D=D, BLOCK_M=block_m, BLOCK_D=block_d(D))
+    return delta

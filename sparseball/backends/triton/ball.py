@@ -1,0 +1,424 @@
+"""Ball attention: each slot attends to the real slots of its own aligned ball.
+
+Forward: a program owns BLOCK_M query rows of one head and streams the keys of their balls in
+BLOCK_N chunks with an online softmax. Small balls share a tile under a block-diagonal mask, so
+tiles stay tensor-core sized.
+
+Backward: a ball's keys are exactly its own rows, so a program that owns whole balls as a
+TILE of rows computes dq, dk and dv of that tile alone, in one pass, without atomics. Balls
+larger than the largest register tile (128), balls of 128 at D = 128, and float32 inputs
+(whose 3xTF32 operands would overflow shared memory in a one-pass tile) use a two-pass
+kernel instead: a program owns a chunk of rows both as keys (dk, dv, streaming its balls'
+queries) and as queries (dq, streaming its balls' keys); the softmax row term delta comes from
+a kernel before it. The sigma gradient is summed per (tile, head) into a buffer reduced in
+torch, which keeps it deterministic.
+
+Half-precision inputs take delta_i = sum_j P_ij dP_ij from recomputed P and dP, not
+dO_i . O_i from the rounded output (see `_common.exact_delta_wanted`).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import (
+    LN2,
+    LOG2E,
+    _distance,
+    _dot,
+    _dot_split,
+    attention_bwd_delta,
+    block_d,
+    dot_modes,
+    exact_delta_wanted,
+    new_tensor,
+)
+
+# Largest tile (rows) whose backward is done in one pass; larger balls take the two-pass kernel.
+MAX_FUSED_TILE = 128
+
+
+@triton.jit
+def _ball_attention_fwd_kernel(
+    Q, K, V, POS, MASK, SIGMA, O, LSE,
+    M, H, scale,
+    D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr, KEY_SPAN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SPLIT_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    row0 = pid.to(tl.int64) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rows_ok = rows < M
+    dims = tl.arange(0, BLOCK_D)
+    dims_ok = dims < D
+    stride = H * D
+    q = tl.load(Q + rows[:, None] * stride + h * D + dims[None, :],
+                mask=rows_ok[:, None] & dims_ok[None, :], other=0.0)
+    # Logits live in the log2 domain so the softmax uses exp2.
+    qk_scale = scale * LOG2E
+    if HAS_SIGMA:
+        sig = tl.load(SIGMA + h).to(tl.float32) * LOG2E
+    # KEY_SPAN = max(BLOCK_M, BALL): the aligned span holding every ball of the tile.
+    key0 = (row0 // KEY_SPAN) * KEY_SPAN
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start in range(0, KEY_SPAN, BLOCK_N):
+        keys = key0 + start + tl.arange(0, BLOCK_N)
+        keys_ok = keys < M
+        real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+        kv_offs = keys[:, None] * stride + h * D + dims[None, :]
+        kv_ok = keys_ok[:, None] & dims_ok[None, :]
+        k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
+        v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+        s = _dot(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
+        if HAS_SIGMA:
+            s += sig * _distance(POS, rows, rows_ok, POS, keys, keys_ok, DIM)
+        allowed = real[None, :] & ((rows[:, None] // BALL) == (keys[None, :] // BALL))
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with no key so far keeps m = -inf; subtracting 0 instead avoids inf - inf.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot_split(p, v, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+        m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(O + rows[:, None] * stride + h * D + dims[None, :], out.to(O.dtype.element_ty),
+             mask=rows_ok[:, None] & dims_ok[None, :])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(LSE + rows * H + h, lse, mask=rows_ok)
+
+
+@triton.jit
+def _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig, qk_scale,
+                DIM: tl.constexpr, BALL: tl.constexpr, HAS_SIGMA: tl.constexpr,
+                FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Probabilities [rows, keys] recomputed from the saved lse (log2 domain, `lse2`), and the
+    distances when sigma is on (else 0)."""
+    s = _dot(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
+    dist = 0.0
+    if HAS_SIGMA:
+        dist = _distance(POS, rows, rows_ok, POS, keys, keys_ok, DIM)
+        s += (sig * LOG2E) * dist
+    allowed = real[None, :] & ((rows[:, None] // BALL) == (keys[None, :] // BALL))
+    p = tl.exp2(tl.where(allowed, s, float("-inf")) - lse2[:, None])
+    return p, dist
+
+
+@triton.jit
+def _ball_attention_bwd_kernel(
+    Q, K, V, O, DO, LSE, POS, MASK, SIGMA, DQ, DK, DV, DSIGMA,
+    M, H, scale,
+    D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DELTA_MODE: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SPLIT_DOT: tl.constexpr,
+):
+    """DELTA_MODE: how delta_i = sum_j P_ij dP_ij is formed. 0: as dO_i . O_i (O as stored:
+    exact for float32, off by the output's rounding for half); 1: from P and dP in the key
+    loop (one key chunk only); 2: from P and dP in a first pass over the key chunks."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    row0 = pid.to(tl.int64) * TILE
+    rows = row0 + tl.arange(0, TILE)
+    rows_ok = rows < M
+    dims = tl.arange(0, BLOCK_D)
+    dims_ok = dims < D
+    stride = H * D
+    q_offs = rows[:, None] * stride + h * D + dims[None, :]
+    q_ok = rows_ok[:, None] & dims_ok[None, :]
+    q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
+    do = tl.load(DO + q_offs, mask=q_ok, other=0.0)
+    lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
+    # Rows without keys (lse = -inf) get p = 0 from s = -inf; 0 avoids -inf - -inf.
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    qk_scale = scale * LOG2E
+    sig = 0.0
+    if HAS_SIGMA:
+        sig = tl.load(SIGMA + h).to(tl.float32)
+        dsig = tl.zeros((TILE,), dtype=tl.float32)
+    # The program owns every query of its tile, so it forms delta itself.
+    if DELTA_MODE == 0:
+        o = tl.load(O + q_offs, mask=q_ok, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    else:
+        delta = tl.zeros((TILE,), dtype=tl.float32)
+    if DELTA_MODE == 2:
+        for start in range(0, TILE, BLOCK_N):
+            keys = row0 + start + tl.arange(0, BLOCK_N)
+            keys_ok = keys < M
+            real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+            kv_offs = keys[:, None] * stride + h * D + dims[None, :]
+            kv_ok = keys_ok[:, None] & dims_ok[None, :]
+            k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
+            v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+            p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
+                                  qk_scale, DIM, BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+            dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
+            delta += tl.sum(p * dp, axis=1)
+    dq = tl.zeros((TILE, BLOCK_D), dtype=tl.float32)
+    for start in range(0, TILE, BLOCK_N):
+        keys = row0 + start + tl.arange(0, BLOCK_N)
+        keys_ok = keys < M
+        real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+        kv_offs = keys[:, None] * stride + h * D + dims[None, :]
+        kv_ok = keys_ok[:, None] & dims_ok[None, :]
+        k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
+        v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+        p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
+                              qk_scale, DIM, BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+        dv = _dot_split(tl.trans(p), do, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+        tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_ok)
+        dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
+        if DELTA_MODE == 1:
+            delta = tl.sum(p * dp, axis=1)
+        ds = p * (dp - delta[:, None])
+        dk = _dot_split(tl.trans(ds), q, FP32_DOT, UPCAST_DOT, SPLIT_DOT) * scale
+        tl.store(DK + kv_offs, dk.to(DK.dtype.element_ty), mask=kv_ok)
+        dq += _dot_split(ds, k, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+        if HAS_SIGMA:
+            dsig += tl.sum(ds * dist, axis=1)
+    tl.store(DQ + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)
+    if HAS_SIGMA:
+        tl.store(DSIGMA + h * tl.num_programs(0) + pid, tl.sum(dsig, axis=0))
+
+
+@triton.jit
+def _ball_attention_bwd_delta_kernel(
+    Q, K, V, DO, LSE, POS, MASK, SIGMA, DELTA,
+    M, H, scale,
+    D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr, SPAN: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SPLIT_DOT: tl.constexpr,
+):
+    """delta_i = sum_j P_ij dP_ij from recomputed P and dP, for the two-pass backward of half
+    inputs (dO_i . O_i would carry the rounding of the stored output)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    row0 = pid.to(tl.int64) * CHUNK
+    span0 = (row0 // SPAN) * SPAN
+    rows = row0 + tl.arange(0, CHUNK)
+    rows_ok = rows < M
+    dims = tl.arange(0, BLOCK_D)
+    dims_ok = dims < D
+    stride = H * D
+    q_offs = rows[:, None] * stride + h * D + dims[None, :]
+    q_ok = rows_ok[:, None] & dims_ok[None, :]
+    q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
+    do = tl.load(DO + q_offs, mask=q_ok, other=0.0)
+    lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    qk_scale = scale * LOG2E
+    sig = 0.0
+    if HAS_SIGMA:
+        sig = tl.load(SIGMA + h).to(tl.float32)
+    delta = tl.zeros((CHUNK,), dtype=tl.float32)
+    for start in range(0, SPAN, CHUNK):
+        keys = span0 + start + tl.arange(0, CHUNK)
+        keys_ok = keys < M
+        real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+        kv_offs = keys[:, None] * stride + h * D + dims[None, :]
+        kv_ok = keys_ok[:, None] & dims_ok[None, :]
+        k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
+        v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+        p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
+                              qk_scale, DIM, BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+        dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
+        delta += tl.sum(p * dp, axis=1)
+    tl.store(DELTA + rows * H + h, delta, mask=rows_ok)
+
+
+@triton.jit
+def _ball_attention_bwd_two_pass_kernel(
+    Q, K, V, DO, LSE, DELTA, POS, MASK, SIGMA, DQ, DK, DV, DSIGMA,
+    M, H, scale,
+    D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr, SPAN: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SPLIT_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    row0 = pid.to(tl.int64) * CHUNK
+    # SPAN = max(CHUNK, BALL): the aligned rows holding every ball the chunk touches.
+    span0 = (row0 // SPAN) * SPAN
+    own = row0 + tl.arange(0, CHUNK)
+    own_ok = own < M
+    dims = tl.arange(0, BLOCK_D)
+    dims_ok = dims < D
+    stride = H * D
+    own_offs = own[:, None] * stride + h * D + dims[None, :]
+    own_2d = own_ok[:, None] & dims_ok[None, :]
+    qk_scale = scale * LOG2E
+    sig = 0.0
+    if HAS_SIGMA:
+        sig = tl.load(SIGMA + h).to(tl.float32)
+
+    # Pass 1: the chunk's rows as keys; stream the span's queries for dk, dv.
+    k = tl.load(K + own_offs, mask=own_2d, other=0.0)
+    v = tl.load(V + own_offs, mask=own_2d, other=0.0)
+    real = tl.load(MASK + own, mask=own_ok, other=0) != 0
+    dk = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+    for start in range(0, SPAN, CHUNK):
+        qrows = span0 + start + tl.arange(0, CHUNK)
+        qrows_ok = qrows < M
+        q_offs = qrows[:, None] * stride + h * D + dims[None, :]
+        q_2d = qrows_ok[:, None] & dims_ok[None, :]
+        q = tl.load(Q + q_offs, mask=q_2d, other=0.0)
+        do = tl.load(DO + q_offs, mask=q_2d, other=0.0)
+        delta = tl.load(DELTA + qrows * H + h, mask=qrows_ok, other=0.0)
+        lse = tl.load(LSE + qrows * H + h, mask=qrows_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+        # Transposed logits [keys, queries]: the accumulators are per key.
+        st = _dot(k, tl.trans(q), FP32_DOT, UPCAST_DOT) * qk_scale
+        if HAS_SIGMA:
+            st += (sig * LOG2E) * _distance(POS, own, own_ok, POS, qrows, qrows_ok, DIM)
+        allowed = real[:, None] & ((own[:, None] // BALL) == (qrows[None, :] // BALL))
+        pt = tl.exp2(tl.where(allowed, st, float("-inf")) - lse2[None, :])
+        dv += _dot_split(pt, do, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+        dpt = _dot(v, tl.trans(do), FP32_DOT, UPCAST_DOT)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot_split(dst, q, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+    tl.store(DK + own_offs, (dk * scale).to(DK.dtype.element_ty), mask=own_2d)
+    tl.store(DV + own_offs, dv.to(DV.dtype.element_ty), mask=own_2d)
+
+    # Pass 2: the chunk's rows as queries; stream the span's keys for dq and sigma.
+    q = tl.load(Q + own_offs, mask=own_2d, other=0.0)
+    do = tl.load(DO + own_offs, mask=own_2d, other=0.0)
+    delta = tl.load(DELTA + own * H + h, mask=own_ok, other=0.0)
+    lse = tl.load(LSE + own * H + h, mask=own_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    dq = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+    dsig = tl.zeros((CHUNK,), dtype=tl.float32)
+    for start in range(0, SPAN, CHUNK):
+        keys = span0 + start + tl.arange(0, CHUNK)
+        keys_ok = keys < M
+        kreal = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+        kv_offs = keys[:, None] * stride + h * D + dims[None, :]
+        kv_2d = keys_ok[:, None] & dims_ok[None, :]
+        kk = tl.load(K + kv_offs, mask=kv_2d, other=0.0)
+        vv = tl.load(V + kv_offs, mask=kv_2d, other=0.0)
+        p, dist = _ball_probs(q, kk, own, own_ok, keys, keys_ok, kreal, lse2, POS, sig,
+                              qk_scale, DIM, BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+        dp = _dot(do, tl.trans(vv), FP32_DOT, UPCAST_DOT)
+        ds = p * (dp - delta[:, None])
+        dq += _dot_split(ds, kk, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+        if HAS_SIGMA:
+            dsig += tl.sum(ds * dist, axis=1)
+    tl.store(DQ + own_offs, (dq * scale).to(DQ.dtype.element_ty), mask=own_2d)
+    if HAS_SIGMA:
+        tl.store(DSIGMA + h * tl.num_programs(0) + pid, tl.sum(dsig, axis=0))
+
+
+def _fwd_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), picked from sm_90 register/spill reports.
+    Balls up to 64 share a 64-row tile whose keys are its own rows; larger balls are streamed
+    in 64-key chunks."""
+    if dtype == torch.float32:
+        return 64, 32 if head_dim > 64 else 64, 4, 1
+    return 64, 64, 8 if head_dim > 64 else 4, 2
+
+
+def _bwd_config(ball_size: int, head_dim: int, dtype: torch.dtype) -> tuple[bool, int, int, int, int]:
+    """(one_pass, TILE or CHUNK, BLOCK_N, num_warps, num_stages), picked from sm_90 register,
+    spill and shared-memory reports of the compiled kernels: float32 (3xTF32 operands take
+    twice the shared memory), balls over 128, and balls of 128 at D = 128 (the one-pass tile
+    spills heavily) take the two-pass kernel."""
+    if dtype == torch.float32:
+        return False, 32 if head_dim > 64 else 64, 0, 8, 1
+    if ball_size > MAX_FUSED_TILE or (ball_size > 64 and head_dim > 64):
+        return False, 32 if head_dim > 64 else 64, 0, 8, 1
+    if ball_size <= 64:
+        if head_dim <= 64:
+            return True, 64, 64, 8, 2
+        return True, 64, 32, 8, 1
+    return True, 128, 32, 8, 1
+
+
+@triton_op("sparseball_triton::ball_attention", mutates_args=())
+def ball_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                      mask: torch.Tensor, sigma: torch.Tensor | None, ball_size: int,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    M, H, D = q.shape
+    out = new_tensor((M, H, D), q.dtype, q.device)
+    lse = new_tensor((M, H), torch.float32, q.device)
+    block_m, block_n, warps, stages = _fwd_config(D, q.dtype)
+    wrap_triton(_ball_attention_fwd_kernel)[(triton.cdiv(M, block_m), H)](
+        q, k, v, pos, mask, q if sigma is None else sigma, out, lse,
+        M, H, scale,
+        D=D, DIM=pos.shape[1], BALL=ball_size, KEY_SPAN=max(block_m, ball_size),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(D),
+        HAS_SIGMA=sigma is not None, **dot_modes(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+@triton_op("sparseball_triton::ball_attention_bwd", mutates_args=())
+def ball_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          out: torch.Tensor, lse: torch.Tensor, pos: torch.Tensor,
+                          mask: torch.Tensor, sigma: torch.Tensor | None, ball_size: int,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor]:
+    M, H, D = q.shape
+    dq = new_tensor((M, H, D), q.dtype, q.device)
+    dk = new_tensor((M, H, D), q.dtype, q.device)
+    dv = new_tensor((M, H, D), q.dtype, q.device)
+    one_pass, rows, block_n, warps, stages = _bwd_config(ball_size, D, q.dtype)
+    grid = (triton.cdiv(M, rows), H)
+    partial = new_tensor((H, grid[0]), torch.float32, q.device)
+    modes = dot_modes(q.dtype)
+    exact_delta = exact_delta_wanted(q.dtype)
+    sig = q if sigma is None else sigma
+    common = dict(D=D, DIM=pos.shape[1], BALL=ball_size, BLOCK_D=block_d(D),
+                  HAS_SIGMA=sigma is not None, num_warps=warps, num_stages=stages, **modes)
+    if one_pass:
+        delta_mode = 0 if not exact_delta else (1 if block_n == rows else 2)
+        wrap_triton(_ball_attention_bwd_kernel)[grid](
+            q, k, v, out, dout, lse, pos, mask, sig, dq, dk, dv, partial, M, H, scale,
+            TILE=rows, BLOCK_N=block_n, DELTA_MODE=delta_mode, **common)
+    else:
+        span = max(rows, ball_size)
+        if exact_delta:
+            delta = new_tensor((M, H), torch.float32, q.device)
+            wrap_triton(_ball_attention_bwd_delta_kernel)[grid](
+                q, k, v, dout, lse, pos, mask, sig, delta, M, H, scale,
+                SPAN=span, CHUNK=rows, **common)
+        else:
+            delta = attention_bwd_delta(out, dout)
+        wrap_triton(_ball_attention_bwd_two_pass_kernel)[grid](
+            q, k, v, dout, lse, delta, pos, mask, sig, dq, dk, dv, partial, M, H, scale,
+            SPAN=span, CHUNK=rows, **common)
+    if sigma is None:
+        dsigma = q.new_zeros((0,))
+    else:
+        dsigma = partial.sum(1).to(sigma.dtype)
+    return dq, dk, dv, dsigma
+
+
+def _ball_setup_context(ctx, inputs, output):
+    q, k, v, pos, mask, sigma, ball_size, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, pos, mask, sigma)
+    ctx.ball_size = ball_size
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _ball_backward(ctx, dout, dlse):
+    q, k, v, out, lse, pos, mask, sigma = ctx.saved_tensors
+    dq, dk, dv, dsigma = ball_attention_bwd_op(dout.contiguous(), q, k, v, out, lse, pos, mask,
+                                               sigma, ctx.ball_size, ctx.scale)
+    return dq, dk, dv, None, None, (dsigma if sigma is not None else None), None, None
+
+
+ball_attention_op.register_autograd(_ball_backward, setup_context=_ball_setup_context)

@@ -1,0 +1,84 @@
+"""The Triton backend's op functions (same signatures as the torch backend's).
+
+They unpack the BallTree into tensors and ints and call the `sparseball_triton::*` ops, which
+carry their own autograd, so `torch.compile(..., fullgraph=True)` sees one op per call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...tree import BallTree
+from ._common import cloud_ranges
+from .ball import ball_attention_op
+from .compressed import compress_op, compressed_attention_op
+from .select import select_blocks_op
+from .selection import selection_attention_op
+
+
+def _pos(tree: BallTree) -> torch.Tensor:
+    # Distances are formed in float32 inside the kernels.
+    return tree.pos.to(torch.float32).contiguous()
+
+
+def _mask(tree: BallTree) -> torch.Tensor:
+    return tree.mask.contiguous().view(torch.uint8)
+
+
+def _sigma(sigma: torch.Tensor | None) -> torch.Tensor | None:
+    return None if sigma is None else sigma.contiguous()
+
+
+def _cloud_ranges(tree: BallTree) -> tuple[torch.Tensor, torch.Tensor]:
+    P = tree.ball_size
+    return cloud_ranges(tree.offsets, P, tree.num_slots // P)
+
+
+def _block_real(tree: BallTree, block_size: int) -> torch.Tensor:
+    return tree.mask.view(-1, block_size).any(1).view(torch.uint8)
+
+
+def compress(x: torch.Tensor, tree: BallTree, compress_size: int) -> torch.Tensor:
+    return compress_op(x.contiguous(), _mask(tree), compress_size)
+
+
+def ball_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: BallTree,
+                   ball_size: int, sigma: torch.Tensor | None, scale: float) -> torch.Tensor:
+    out, _ = ball_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), _pos(tree),
+                               _mask(tree), _sigma(sigma), ball_size, scale)
+    return out
+
+
+def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, tree: BallTree,
+                         compress_size: int, sigma: torch.Tensor | None,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    cloud_lo, cloud_hi = _cloud_ranges(tree)
+    return compressed_attention_op(
+        q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), _pos(tree),
+        tree.centers(compress_size).to(torch.float32).contiguous(),
+        _block_real(tree, compress_size), cloud_lo, cloud_hi, _sigma(sigma), tree.ball_size,
+        compress_size, scale)
+
+
+def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: BallTree,
+                        indices: torch.Tensor, select_size: int, group_size: int,
+                        sigma: torch.Tensor | None, scale: float) -> torch.Tensor:
+    out, _ = selection_attention_op(
+        q.contiguous(), k.contiguous(), v.contiguous(), _pos(tree), _mask(tree),
+        indices.to(torch.int32).contiguous(), _sigma(sigma), select_size, group_size, scale)
+    return out
+
+
+def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, tree: BallTree,
+                  compress_size: int, select_size: int, group_size: int, top_k: int,
+                  sigma: torch.Tensor | None, scale: float,
+                  exclude_ball_size: int | None) -> torch.Tensor:
+    cloud_lo, cloud_hi = _cloud_ranges(tree)
+    exclude = 0 if exclude_ball_size is None else max(exclude_ball_size, group_size)
+    with torch.no_grad():
+        return select_blocks_op(
+            q.detach().contiguous(), k_cmp.detach().contiguous(), lse.detach().contiguous(),
+            _pos(tree), tree.centers(compress_size).to(torch.float32).contiguous(), _mask(tree),
+            _block_real(tree, compress_size), _block_real(tree, select_size), cloud_lo, cloud_hi,
+            None if sigma is None else sigma.detach().contiguous(), tree.ball_size,
+            compress_size, select_size, group_size, top_k, exclude, scale)

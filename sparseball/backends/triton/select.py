@@ -1,0 +1,122 @@
+"""select_blocks: the top_k most important selection blocks of each query group.
+
+A program per (group, head) streams the compressed keys of the group's cloud in chunks of
+whole selection blocks, sums the compressed-attention probabilities of the group's real
+queries per selection block, and keeps a running top-k in registers, so the (M x M/c) score
+matrix never exists. Candidates are packed into sortable int64 keys
+`(importance bits << 31) | (2^31 - 1 - block id)`: importances are >= 0, so their float bits
+order like the floats, and equal importances prefer the lower block id, as the contract asks.
+A chunk touches the top-k only when one of its keys beats the current k-th; after the first
+chunks that is rare, so the merge (repeated max extraction) costs little.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import LOG2E, _distance, _dot, block_d, dot_modes, new_tensor
+
+_ID_BITS = tl.constexpr(2147483647)  # 2^31 - 1: block ids fill the low 31 bits
+_NOT_CANDIDATE = tl.constexpr(-4611686018427387904)  # -2^62: below every candidate and placeholder
+_UNUSED = tl.constexpr(4611686018427387904)  # 2^62: top-k lanes beyond top_k, never replaced
+
+
+@triton.jit
+def _select_blocks_fwd_kernel(
+    Q, KC, LSE, POS, CENTERS, MASK, CBLOCK_REAL, SBLOCK_REAL, CLOUD_LO, CLOUD_HI, SIGMA, OUT,
+    H, UNIT, EXCL, scale,
+    D: tl.constexpr, DIM: tl.constexpr, CS: tl.constexpr, SS: tl.constexpr, GS: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, QROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SPLIT_DOT: tl.constexpr,
+):
+    g = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    R: tl.constexpr = SS // CS  # compressed blocks per selection block
+    NW: tl.constexpr = BLOCK_N // R  # selection blocks per chunk
+    row0 = g * GS
+    lo = tl.load(CLOUD_LO + row0 // UNIT) // CS
+    hi = tl.load(CLOUD_HI + row0 // UNIT) // CS
+    # Excluded: selection blocks inside the aligned EXCL-block holding the group (0: none).
+    excl_lo = row0
+    excl_hi = row0
+    if EXCL > 0:
+        excl_lo = (row0 // EXCL) * EXCL
+        excl_hi = excl_lo + EXCL
+    dims = tl.arange(0, BLOCK_D)
+    dims_ok = dims < D
+    stride = H * D
+    qk_scale = scale * LOG2E
+    if HAS_SIGMA:
+        sig = tl.load(SIGMA + h).to(tl.float32) * LOG2E
+    lanes = tl.arange(0, KP)
+    # Distinct negative placeholders, so the lane holding the minimum is unique.
+    top = tl.where(lanes < TOPK, -1 - lanes.to(tl.int64), _UNUSED)
+    threshold = tl.min(top, axis=0)
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        keys_ok = keys < hi
+        kreal = tl.load(CBLOCK_REAL + keys, mask=keys_ok, other=0) != 0
+        k = tl.load(KC + keys[:, None] * stride + h * D + dims[None, :],
+                    mask=keys_ok[:, None] & dims_ok[None, :], other=0.0)
+        colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for sub in tl.static_range(0, GS, QROWS):
+            r = tl.arange(0, BLOCK_M)
+            rows = row0 + sub + r
+            rows_ok = r < QROWS
+            rreal = tl.load(MASK + rows, mask=rows_ok, other=0) != 0
+            q = tl.load(Q + rows[:, None] * stride + h * D + dims[None, :],
+                        mask=rows_ok[:, None] & dims_ok[None, :], other=0.0)
+            lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+            s = _dot(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
+            if HAS_SIGMA:
+                s += sig * _distance(POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM)
+            allowed = rreal[:, None] & kreal[None, :]
+            p = tl.exp2(tl.where(allowed, s - lse2[:, None], float("-inf")))
+            colsum += tl.sum(p, axis=0)
+        importance = tl.sum(tl.reshape(colsum, (NW, R)), axis=1)
+        blocks = start // R + tl.arange(0, NW)
+        blocks_ok = blocks < hi // R
+        cand = blocks_ok & (tl.load(SBLOCK_REAL + blocks, mask=blocks_ok, other=0) != 0)
+        cand = cand & ~((blocks * SS >= excl_lo) & ((blocks + 1) * SS <= excl_hi))
+        bits = importance.to(tl.int32, bitcast=True).to(tl.int64)
+        packed = tl.where(cand, (bits << 31) | (_ID_BITS - blocks), _NOT_CANDIDATE)
+        best = tl.max(packed, axis=0)
+        while best > threshold:
+            top = tl.where(top == threshold, best, top)
+            threshold = tl.min(top, axis=0)
+            packed = tl.where(packed == best, _NOT_CANDIDATE, packed)
+            best = tl.max(packed, axis=0)
+    chosen = (top >= 0) & (lanes < TOPK)
+    block_ids = _ID_BITS - (top & _ID_BITS)
+    # Ascending ids then -1s: each lane's rank among distinct sort values is its output slot.
+    order = tl.where(chosen, block_ids, _ID_BITS + 1 + lanes.to(tl.int64))
+    rank = tl.sum((order[None, :] < order[:, None]).to(tl.int32), axis=1)
+    tl.store(OUT + (g * H + h) * TOPK + rank, tl.where(chosen, block_ids, -1).to(tl.int32),
+             mask=rank < TOPK)
+
+
+@triton_op("sparseball_triton::select_blocks", mutates_args=())
+def select_blocks_op(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, pos: torch.Tensor,
+                     centers: torch.Tensor, mask: torch.Tensor, cblock_real: torch.Tensor,
+                     sblock_real: torch.Tensor, cloud_lo: torch.Tensor, cloud_hi: torch.Tensor,
+                     sigma: torch.Tensor | None, unit: int, compress_size: int, select_size: int,
+                     group_size: int, top_k: int, exclude: int, scale: float) -> torch.Tensor:
+    M, H, D = q.shape
+    out = new_tensor((M // group_size, H, top_k), torch.int32, q.device)
+    qrows = min(group_size, 64)
+    per_block = select_size // compress_size
+    wrap_triton(_select_blocks_fwd_kernel)[(M // group_size, H)](
+        q, k_cmp, lse, pos, centers, mask, cblock_real, sblock_real, cloud_lo, cloud_hi,
+        q if sigma is None else sigma, out,
+        H, unit, exclude, scale,
+        D=D, DIM=pos.shape[1], CS=compress_size, SS=select_size, GS=group_size,
+        TOPK=top_k, KP=max(16, triton.next_power_of_2(top_k)), QROWS=qrows,
+        BLOCK_M=max(qrows, 16), BLOCK_N=max(64, per_block), BLOCK_D=block_d(D),
+        HAS_SIGMA=sigma is not None, **dot_modes(q.dtype),
+        num_warps=8, num_stages=1 if q.dtype == torch.float32 else 2,
+    )
+    return out

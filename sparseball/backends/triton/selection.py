@@ -1,0 +1,353 @@
+"""Selection attention: the queries of a group attend to the key blocks the group selected.
+
+Forward and dq: a program owns up to 64 rows of one group (padded to 16 for tl.dot, so tiles
+stay tensor-core sized even with one head) and streams its selected blocks with an online
+softmax.
+
+dk, dv without float atomics and bitwise deterministic: the selection is inverted into, per
+(key block, head), the ascending list of groups that chose it (a CSR built with a stable sort
+and searchsorted), and a program per (key chunk, head) walks that list, recomputing the
+probabilities from the saved lse. The dq kernel runs first; for half inputs it forms the exact
+delta and stores it for the dk/dv kernel.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import (
+    LN2,
+    LOG2E,
+    _distance,
+    _dot,
+    _dot_split,
+    attention_bwd_delta,
+    block_d,
+    dot_modes,
+    exact_delta_wanted,
+    new_tensor,
+)
+
+
+@triton.jit
+def _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig, qk_scale,
+                     DIM: tl.constexpr, HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr,
+                     UPCAST_DOT: tl.constexpr):
+    """Probabilities [rows, keys of one selected block] recomputed from the saved lse (log2
+    domain), and the distances when sigma is on (else 0)."""
+    s = _dot(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
+    dist = 0.0
+    if HAS_SIGMA:
+        dist = _distance(POS, rows, rows_ok, POS, keys, keys_ok, DIM)
+        s += (sig * LOG2E) * dist
+    # Rows padding the tile (small groups) have lse 0: exp2 of their logits could overflow
+    # and turn the sigma partial sums into NaN, so they are masked too.
+    allowed = real[None, :] & rows_ok[:, None]
+    p = tl.exp2(tl.where(allowed, s, float("-inf")) - lse2[:, None])
+    return p, dist
+
+
+@triton.jit
+def _selection_attention_fwd_kernel(
+    Q, K, V, POS, MASK, IDX, SIGMA, O, LSE,
+    M, H, TOPK, scale,
+    D: tl.constexpr, DIM: tl.constexpr, SS: tl.constexpr, GS: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SPLIT_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    row0 = pid.to(tl.int64) * ROWS
+    r = tl.arange(0, BLOCK_M)
+    rows = row0 + r
+    rows_ok = (r < ROWS) & (rows < M)
+    group = row0 // GS
+    dims = tl.arange(0, BLOCK_D)
+    dims_ok = dims < D
+    stride = H * D
+    q_offs = rows[:, None] * stride + h * D + dims[None, :]
+    q_ok = rows_ok[:, None] & dims_ok[None, :]
+    q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
+    qk_scale = scale * LOG2E
+    if HAS_SIGMA:
+        sig = tl.load(SIGMA + h).to(tl.float32) * LOG2E
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for t in range(TOPK):
+        blk = tl.load(IDX + (group * H + h) * TOPK + t).to(tl.int64)
+        # -1 (no block) is masked rather than branched on, so the loop stays
+        # straight-line code the compiler can software-pipeline.
+        span = tl.where(blk >= 0, SS, 0)  # keys of the block in use
+        blk = tl.maximum(blk, 0)
+        for sub in tl.static_range(0, SS, BLOCK_N):
+            kk = sub + tl.arange(0, BLOCK_N)
+            keys = blk * SS + kk
+            keys_ok = kk < span
+            real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+            kv_offs = keys[:, None] * stride + h * D + dims[None, :]
+            kv_ok = keys_ok[:, None] & dims_ok[None, :]
+            k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
+            v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+            s = _dot(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
+            if HAS_SIGMA:
+                s += sig * _distance(POS, rows, rows_ok, POS, keys, keys_ok, DIM)
+            s = tl.where(real[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_ref[:, None])
+            alpha = tl.exp2(m_i - m_ref)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot_split(p, v, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+            m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    tl.store(O + q_offs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=q_ok)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(LSE + rows * H + h, lse, mask=rows_ok)
+
+
+@triton.jit
+def _selection_attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, POS, MASK, IDX, SIGMA, DQ, DSIGMA,
+    M, H, TOPK, scale,
+    D: tl.constexpr, DIM: tl.constexpr, SS: tl.constexpr, GS: tl.constexpr, ROWS: tl.constexpr,
+    EXACT_DELTA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SPLIT_DOT: tl.constexpr,
+):
+    """EXACT_DELTA: form delta_i = sum_j P_ij dP_ij in a first pass over the selected blocks and
+    store it for the dk/dv kernel; otherwise DELTA holds dO_i . O_i already."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    row0 = pid.to(tl.int64) * ROWS
+    r = tl.arange(0, BLOCK_M)
+    rows = row0 + r
+    rows_ok = (r < ROWS) & (rows < M)
+    group = row0 // GS
+    dims = tl.arange(0, BLOCK_D)
+    dims_ok = dims < D
+    stride = H * D
+    q_offs = rows[:, None] * stride + h * D + dims[None, :]
+    q_ok = rows_ok[:, None] & dims_ok[None, :]
+    q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
+    do = tl.load(DO + q_offs, mask=q_ok, other=0.0)
+    lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    qk_scale = scale * LOG2E
+    sig = 0.0
+    if HAS_SIGMA:
+        sig = tl.load(SIGMA + h).to(tl.float32)
+        dsig = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if EXACT_DELTA:
+        delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for t in range(TOPK):
+            blk = tl.load(IDX + (group * H + h) * TOPK + t).to(tl.int64)
+            # -1 (no block) is masked rather than branched on, so the loop stays
+            # straight-line code the compiler can software-pipeline.
+            span = tl.where(blk >= 0, SS, 0)  # keys of the block in use
+            blk = tl.maximum(blk, 0)
+            for sub in tl.static_range(0, SS, BLOCK_N):
+                kk = sub + tl.arange(0, BLOCK_N)
+                keys = blk * SS + kk
+                keys_ok = kk < span
+                real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+                kv_offs = keys[:, None] * stride + h * D + dims[None, :]
+                kv_ok = keys_ok[:, None] & dims_ok[None, :]
+                k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
+                v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+                p, dist = _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS,
+                                           sig, qk_scale, DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+                dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
+                delta += tl.sum(p * dp, axis=1)
+        tl.store(DELTA + rows * H + h, delta, mask=rows_ok)
+    else:
+        delta = tl.load(DELTA + rows * H + h, mask=rows_ok, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for t in range(TOPK):
+        blk = tl.load(IDX + (group * H + h) * TOPK + t).to(tl.int64)
+        # -1 (no block) is masked rather than branched on, so the loop stays
+        # straight-line code the compiler can software-pipeline.
+        span = tl.where(blk >= 0, SS, 0)  # keys of the block in use
+        blk = tl.maximum(blk, 0)
+        for sub in tl.static_range(0, SS, BLOCK_N):
+            kk = sub + tl.arange(0, BLOCK_N)
+            keys = blk * SS + kk
+            keys_ok = kk < span
+            real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+            kv_offs = keys[:, None] * stride + h * D + dims[None, :]
+            kv_ok = keys_ok[:, None] & dims_ok[None, :]
+            k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
+            v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+            p, dist = _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS,
+                                       sig, qk_scale, DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+            dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
+            ds = p * (dp - delta[:, None])
+            dq += _dot_split(ds, k, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+            if HAS_SIGMA:
+                dsig += tl.sum(ds * dist, axis=1)
+    tl.store(DQ + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)
+    if HAS_SIGMA:
+        tl.store(DSIGMA + h * tl.num_programs(0) + pid, tl.sum(dsig, axis=0))
+
+
+@triton.jit
+def _selection_attention_bwd_dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, POS, MASK, SIGMA, ROW_PTR, GROUPS, DK, DV,
+    M, H, NB, scale,
+    D: tl.constexpr, DIM: tl.constexpr, SS: tl.constexpr, GS: tl.constexpr,
+    KROWS: tl.constexpr, QROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SPLIT_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    key0 = pid.to(tl.int64) * KROWS
+    kr = tl.arange(0, BLOCK_N)
+    keys = key0 + kr
+    keys_ok = (kr < KROWS) & (keys < M)
+    dims = tl.arange(0, BLOCK_D)
+    dims_ok = dims < D
+    stride = H * D
+    kv_offs = keys[:, None] * stride + h * D + dims[None, :]
+    kv_ok = keys_ok[:, None] & dims_ok[None, :]
+    k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
+    v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+    real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+    blk = key0 // SS
+    first = tl.load(ROW_PTR + h * NB + blk)
+    last = tl.load(ROW_PTR + h * NB + blk + 1)
+    qk_scale = scale * LOG2E
+    if HAS_SIGMA:
+        sig = tl.load(SIGMA + h).to(tl.float32) * LOG2E
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    # Groups come in ascending order, so the sums below have a fixed order: deterministic.
+    for e in range(first, last):
+        group = tl.load(GROUPS + e).to(tl.int64)
+        for sub in tl.static_range(0, GS, QROWS):
+            r = tl.arange(0, BLOCK_M)
+            rows = group * GS + sub + r
+            rows_ok = r < QROWS
+            q_offs = rows[:, None] * stride + h * D + dims[None, :]
+            q_ok = rows_ok[:, None] & dims_ok[None, :]
+            q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
+            do = tl.load(DO + q_offs, mask=q_ok, other=0.0)
+            delta = tl.load(DELTA + rows * H + h, mask=rows_ok, other=0.0)
+            lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+            # Transposed logits [keys, queries]: the accumulators are per key.
+            st = _dot(k, tl.trans(q), FP32_DOT, UPCAST_DOT) * qk_scale
+            if HAS_SIGMA:
+                st += sig * _distance(POS, keys, keys_ok, POS, rows, rows_ok, DIM)
+            allowed = real[:, None] & rows_ok[None, :]
+            pt = tl.exp2(tl.where(allowed, st, float("-inf")) - lse2[None, :])
+            dv += _dot_split(pt, do, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+            dpt = _dot(v, tl.trans(do), FP32_DOT, UPCAST_DOT)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot_split(dst, q, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+    tl.store(DK + kv_offs, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+def _config(select_size: int, group_size: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tiles and (num_warps, num_stages) per kernel, picked from sm_90 register and spill
+    reports of the compiled kernels."""
+    rows = min(group_size, 64)
+    key_rows = min(select_size, 64)
+    stages = 1 if dtype == torch.float32 else 2
+    wide = head_dim > 64
+    return dict(rows=rows, block_m=max(rows, 16), key_rows=key_rows, block_n=max(key_rows, 16),
+                fwd=(8 if wide else 4, stages), dq=(8 if wide else 4, stages),
+                dkv=(8, stages if wide else 1))
+
+
+def invert_selection(indices: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of the selection by (head, block): groups `groups[row_ptr[h * num_blocks + w]:
+    row_ptr[h * num_blocks + w + 1]]` chose block w for head h, in ascending order."""
+    G, H, K = indices.shape
+    blocks = indices.to(torch.int64)
+    heads = torch.arange(H, device=indices.device).view(1, H, 1)
+    key = torch.where(blocks >= 0, heads * num_blocks + blocks, H * num_blocks).flatten()
+    sorted_key, order = torch.sort(key, stable=True)
+    groups = (order // (H * K)).to(torch.int32)
+    bounds = torch.arange(H * num_blocks + 1, device=indices.device)
+    row_ptr = torch.searchsorted(sorted_key, bounds)
+    return row_ptr, groups
+
+
+@triton_op("sparseball_triton::selection_attention", mutates_args=())
+def selection_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                           mask: torch.Tensor, indices: torch.Tensor, sigma: torch.Tensor | None,
+                           select_size: int, group_size: int,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    M, H, D = q.shape
+    out = new_tensor((M, H, D), q.dtype, q.device)
+    lse = new_tensor((M, H), torch.float32, q.device)
+    cfg = _config(select_size, group_size, D, q.dtype)
+    wrap_triton(_selection_attention_fwd_kernel)[(M // cfg["rows"], H)](
+        q, k, v, pos, mask, indices, q if sigma is None else sigma, out, lse,
+        M, H, indices.shape[2], scale,
+        D=D, DIM=pos.shape[1], SS=select_size, GS=group_size, ROWS=cfg["rows"],
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=block_d(D),
+        HAS_SIGMA=sigma is not None, **dot_modes(q.dtype),
+        num_warps=cfg["fwd"][0], num_stages=cfg["fwd"][1],
+    )
+    return out, lse
+
+
+@triton_op("sparseball_triton::selection_attention_bwd", mutates_args=())
+def selection_attention_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor,
+    sigma: torch.Tensor | None, select_size: int, group_size: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, H, D = q.shape
+    exact_delta = exact_delta_wanted(q.dtype)
+    # Exact: the dq kernel forms delta and stores it here for the dk/dv kernel.
+    delta = new_tensor((M, H), torch.float32, q.device) if exact_delta else attention_bwd_delta(out, dout)
+    dq = new_tensor((M, H, D), q.dtype, q.device)
+    dk = new_tensor((M, H, D), q.dtype, q.device)
+    dv = new_tensor((M, H, D), q.dtype, q.device)
+    cfg = _config(select_size, group_size, D, q.dtype)
+    grid_q = (M // cfg["rows"], H)
+    partial = new_tensor((H, grid_q[0]), torch.float32, q.device)
+    sig = q if sigma is None else sigma
+    common = dict(D=D, DIM=pos.shape[1], SS=select_size, GS=group_size, BLOCK_M=cfg["block_m"],
+                  BLOCK_N=cfg["block_n"], BLOCK_D=block_d(D), HAS_SIGMA=sigma is not None,
+                  **dot_modes(q.dtype))
+    wrap_triton(_selection_attention_bwd_dq_kernel)[grid_q](
+        q, k, v, dout, lse, delta, pos, mask, indices, sig, dq, partial,
+        M, H, indices.shape[2], scale, ROWS=cfg["rows"], EXACT_DELTA=exact_delta,
+        num_warps=cfg["dq"][0], num_stages=cfg["dq"][1], **common)
+    num_blocks = M // select_size
+    row_ptr, groups = invert_selection(indices, num_blocks)
+    wrap_triton(_selection_attention_bwd_dkv_kernel)[(M // cfg["key_rows"], H)](
+        q, k, v, dout, lse, delta, pos, mask, sig, row_ptr, groups, dk, dv,
+        M, H, num_blocks, scale, KROWS=cfg["key_rows"], QROWS=cfg["rows"],
+        num_warps=cfg["dkv"][0], num_stages=cfg["dkv"][1], **common)
+    dsigma = q.new_zeros((0,)) if sigma is None else partial.sum(1).to(sigma.dtype)
+    return dq, dk, dv, dsigma
+
+
+def _selection_setup_context(ctx, inputs, output):
+    q, k, v, pos, mask, indices, sigma, select_size, group_size, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, pos, mask, indices, sigma)
+    ctx.sizes = (select_size, group_size, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _selection_backward(ctx, dout, dlse):
+    q, k, v, out, lse, pos, mask, indices, sigma = ctx.saved_tensors
+    dq, dk, dv, dsigma = selection_attention_bwd_op(
+        dout.contiguous(), q, k, v, out, lse, pos, mask, indices, sigma, *ctx.sizes)
+    return (dq, dk, dv, None, None, None, dsigma if sigma is not None else None,
+            None, None, None)
+
+
+selection_attention_op.register_autograd(_selection_backward, setup_context=_selection_setup_context)

@@ -1,0 +1,665 @@
+"""The Triton backend against the float64 oracle (`reference.ops`) and the torch backend.
+
+On a machine without CUDA every kernel, forward and backward, runs in the Triton interpreter
+(TRITON_INTERPRET=1) on small inputs; the tolerance is the project's rule
+(`helpers.tolerance`). Tests marked `gpu` run large inputs in every dtype against the torch
+backend, check determinism and `torch.compile(fullgraph=True)`. Outputs of the backend start
+as NaN (conftest.py for floats, `_common.POISON` for the int32 selection), so an element a
+kernel forgets to write fails.
+
+Kernel paths and what exercises them: float32 inputs take the two-pass ball backward, half
+inputs the one-pass one (a single key chunk for balls <= 64, two passes over the chunks for
+128) and, for balls over 128, the two-pass kernel with the exact-delta kernel. Clouds of
+P >= 64 slots take the single-cloud compressed kernels; smaller P the per-row cloud masks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_matches, attention_magnitudes, grads, leaves, random_tree, tolerance
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reference.ops as oracle
+import sparseball
+from sparseball import ops
+from sparseball.tree import BallTree
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+# Without CUDA the kernels must be built as interpreted functions: triton decides that when a
+# kernel is decorated, so TRITON_INTERPRET=1 must be set before the kernel modules are
+# imported. It is set again around each test only (fixture below): left set for the whole
+# session it would make "auto" choose the interpreter for CPU tensors in other test modules.
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    _saved_interpret = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    from sparseball.backends.triton import _common
+    from sparseball.backends.triton import ops as triton_ops
+finally:
+    if not CUDA:
+        if _saved_interpret is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved_interpret
+
+try:
+    import sparseball.backends.torch.ops as torch_ops
+except ImportError:  # the torch backend lands separately
+    torch_ops = None
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+# The interpreter runs a kernel program in Python: a quarter of the profile's examples (5 in
+# the "ci" profile), all small.
+few = settings(max_examples=settings().max_examples // (1 if CUDA else 4), deadline=None)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_and_poison(monkeypatch):
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_common, "POISON", True)
+
+
+# Problems
+
+
+class Problem:
+    """A random tree and the inputs of every op on it, in one dtype."""
+
+    def __init__(self, tree, heads, head_dim, dtype, scale, with_sigma, seed, device="cpu"):
+        self.tree = tree.to(device) if device != "cpu" else tree
+        self.heads, self.head_dim, self.dtype, self.scale = heads, head_dim, dtype, scale
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.sigma_value = self._sigma() if with_sigma else None
+
+    def randn(self, *shape) -> torch.Tensor:
+        """Exactly representable in the problem's dtype, so the oracle sees what the backend
+        sees."""
+        x = torch.randn(*shape, generator=self.generator, dtype=torch.float32, device=self.device)
+        return x.to(self.dtype)
+
+    def slots(self) -> torch.Tensor:
+        return self.randn(self.tree.num_slots, self.heads, self.head_dim)
+
+    def _sigma(self) -> torch.Tensor:
+        x = torch.rand(self.heads, generator=self.generator, device=self.device) * 2 - 1
+        return x.to(self.dtype)
+
+
+@st.composite
+def problems(draw, dtype, ball_sizes=(2, 4, 8, 16), max_cloud=40, max_heads=2):
+    P = draw(st.sampled_from(ball_sizes))
+    sizes = draw(st.lists(st.integers(1, max_cloud), min_size=1, max_size=3))
+    if draw(st.booleans()):  # an empty cloud: offsets repeat
+        sizes.insert(draw(st.integers(0, len(sizes))), 0)
+    seed = draw(st.integers(0, 2**31 - 1))
+    tree = random_tree(sizes, P, draw(st.integers(1, 3)),
+                       draw(st.sampled_from([torch.float32, torch.float64])),
+                       np.random.default_rng(seed))
+    head_dim = draw(st.sampled_from([16, 8, 20, 32]))
+    scale = draw(st.sampled_from([1 / math.sqrt(head_dim), 0.3]))
+    return Problem(tree, draw(st.integers(1, max_heads)), head_dim, dtype, scale,
+                   draw(st.booleans()), seed)
+
+
+def fixed_problem(sizes, P, dtype, heads=2, head_dim=16, seed=0, with_sigma=True, device="cpu"):
+    tree = random_tree(sizes, P, 3, torch.float32, np.random.default_rng(seed))
+    return Problem(tree, heads, head_dim, dtype, 1 / math.sqrt(head_dim), with_sigma, seed,
+                   device)
+
+
+def random_indices(problem, select_size, group_size, top_k, rng):
+    """int32 `(M/g, H, top_k)`: distinct blocks of the group's cloud in random order, -1 in
+    random places."""
+    cloud = problem.tree.slot_cloud.cpu()
+    num_groups = problem.tree.num_slots // group_size
+    out = np.full((num_groups, problem.heads, top_k), -1)
+    block_cloud = cloud[::select_size].numpy()
+    for group in range(num_groups):
+        blocks = np.flatnonzero(block_cloud == int(cloud[group * group_size]))
+        for head in range(problem.heads):
+            count = rng.integers(0, min(top_k, blocks.size) + 1)
+            places = rng.choice(top_k, size=count, replace=False)
+            out[group, head, places] = rng.choice(blocks, size=count, replace=False)
+    return torch.from_numpy(out).to(torch.int32).to(problem.device)
+
+
+def powers_of_two(up_to):
+    return st.sampled_from([1 << i for i in range(up_to.bit_length()) if 1 << i <= up_to])
+
+
+# Each op against the oracle: output and every gradient
+
+
+def check_ball(problem, ball_size, magnitude_factor=1.0):
+    tree = problem.tree
+    inputs = leaves(problem.slots(), problem.slots(), problem.slots(), problem.sigma_value)
+    reference = leaves(*(None if t is None else t.double() for t in inputs))
+    q, k, v, sigma = inputs
+    grad_out = problem.slots()
+    size = attention_magnitudes(q, k, v, grad_out, problem.scale, sigma, tree.pos)
+    out = ops.ball_attention(q, k, v, tree, ball_size, sigma, problem.scale, backend="triton")
+    got = grads(out, inputs, grad_out)
+    expected = oracle.ball_attention(*reference[:3], tree, ball_size, reference[3], problem.scale)
+    want = grads(expected, reference, grad_out.double())
+    assert out.dtype == problem.dtype
+    b = ball_size
+    assert_matches(out, expected, b, "ball_attention", magnitude=size["out"] * magnitude_factor)
+    for name, grad, grad_ref in zip("qkv", got, want, strict=False):
+        assert_matches(grad, grad_ref, b, f"ball_attention d{name}",
+                       magnitude=size[name] * magnitude_factor)
+    if sigma is not None:
+        assert_matches(got[3], want[3], tree.num_slots * b, "ball_attention dsigma",
+                       magnitude=size["sigma"] * magnitude_factor)
+
+
+def check_compressed(problem, c, magnitude_factor=1.0):
+    tree = problem.tree
+    M, H, D = tree.num_slots, problem.heads, problem.head_dim
+    inputs = leaves(problem.slots(), problem.randn(M // c, H, D), problem.randn(M // c, H, D),
+                    problem.sigma_value)
+    reference = leaves(*(None if t is None else t.double() for t in inputs))
+    q, k_cmp, v_cmp, sigma = inputs
+    grad_out = problem.slots()
+    size = attention_magnitudes(q, k_cmp, v_cmp, grad_out, problem.scale, sigma, tree.pos)
+    out, lse = ops.compressed_attention(q, k_cmp, v_cmp, tree, c, sigma, problem.scale,
+                                        backend="triton")
+    got = grads(out, inputs, grad_out)
+    expected, lse_ref = oracle.compressed_attention(*reference[:3], tree, c, reference[3],
+                                                    problem.scale)
+    want = grads(expected, reference, grad_out.double())
+    assert out.dtype == problem.dtype
+    assert lse.dtype == torch.float32 and not lse.requires_grad
+    keys = M // c
+    assert_matches(out, expected, keys, "compressed_attention",
+                   magnitude=size["out"] * magnitude_factor)
+    assert_matches(lse, lse_ref, keys, "compressed_attention lse", out_dtype=torch.float32,
+                   magnitude=size["logits"])
+    for name, grad, grad_ref in zip("qkv", got, want, strict=False):
+        assert_matches(grad, grad_ref, M, f"compressed_attention d{name}",
+                       magnitude=size[name] * magnitude_factor)
+    if sigma is not None:
+        assert_matches(got[3], want[3], M * keys, "compressed_attention dsigma",
+                       magnitude=size["sigma"] * magnitude_factor)
+
+
+def check_selection(problem, s, g, top_k, seed, magnitude_factor=1.0):
+    tree = problem.tree
+    indices = random_indices(problem, s, g, top_k, np.random.default_rng(seed))
+    inputs = leaves(problem.slots(), problem.slots(), problem.slots(), problem.sigma_value)
+    reference = leaves(*(None if t is None else t.double() for t in inputs))
+    q, k, v, sigma = inputs
+    grad_out = problem.slots()
+    size = attention_magnitudes(q, k, v, grad_out, problem.scale, sigma, tree.pos)
+    out = ops.selection_attention(q, k, v, tree, indices, s, g, sigma, problem.scale,
+                                  backend="triton")
+    got = grads(out, inputs, grad_out)
+    expected = oracle.selection_attention(*reference[:3], tree, indices, s, g, reference[3],
+                                          problem.scale)
+    want = grads(expected, reference, grad_out.double())
+    assert out.dtype == problem.dtype
+    keys, M = top_k * s, tree.num_slots
+    assert_matches(out, expected, keys, "selection_attention",
+                   magnitude=size["out"] * magnitude_factor)
+    for name, grad, grad_ref, n in zip("qkv", got, want, (keys, M, M), strict=False):
+        assert_matches(grad, grad_ref, n, f"selection_attention d{name}",
+                       magnitude=size[name] * magnitude_factor)
+    if sigma is not None:
+        assert_matches(got[3], want[3], M * keys, "selection_attention dsigma",
+                       magnitude=size["sigma"] * magnitude_factor)
+
+
+def check_compress(problem, c):
+    tree = problem.tree
+    (x,) = leaves(problem.slots())
+    (x_ref,) = leaves(x.double())
+    out = ops.compress(x, tree, c, backend="triton")
+    expected = oracle.compress(x_ref, tree, c)
+    assert out.dtype == problem.dtype
+    assert_matches(out, expected, c, "compress")
+    grad_out = problem.randn(*out.shape)
+    (dx,) = grads(out, [x], grad_out)
+    (dx_ref,) = grads(expected, [x_ref], grad_out.double())
+    assert_matches(dx, dx_ref, c, "compress dx")
+
+
+def check_select_blocks(problem, c, s, g, top_k, exclude):
+    tree = problem.tree
+    M, H, D = tree.num_slots, problem.heads, problem.head_dim
+    q, k_cmp, sigma = problem.slots(), problem.randn(M // c, H, D), problem.sigma_value
+    _, lse = ops.compressed_attention(q, k_cmp, problem.randn(M // c, H, D), tree, c, sigma,
+                                      problem.scale, backend="triton")
+    indices = ops.select_blocks(q, k_cmp, lse, tree, c, s, g, top_k, sigma, problem.scale,
+                                exclude, backend="triton")
+    assert indices.dtype == torch.int32 and indices.shape == (M // g, H, top_k)
+    importance = oracle.block_importance(q, k_cmp, lse, tree, c, s, g, sigma, problem.scale)
+    candidate = oracle.selection_candidates(tree, s, g, exclude)
+    # The kernel sums g * s / c probabilities in float32 (exp2 of float32 logits).
+    slack = 1e-5 * (1 + importance) * math.sqrt(g * s // c)
+    assert_valid_top_k(indices.cpu(), importance.cpu(), slack.cpu(), candidate.cpu(), top_k)
+    # Groups without a real query: every importance is exactly 0, ties go to the lowest ids.
+    for group in torch.nonzero(~tree.mask.view(-1, g).any(1)).flatten().tolist():
+        lowest = torch.nonzero(candidate[group]).flatten()[:top_k].tolist()
+        for head in range(H):
+            assert indices[group, head, :len(lowest)].tolist() == lowest, "ties not to lower ids"
+
+
+def assert_valid_top_k(indices, importance, slack, candidate, top_k):
+    for group in range(indices.shape[0]):
+        allowed = torch.nonzero(candidate[group]).flatten()
+        for head in range(indices.shape[1]):
+            row = indices[group, head].tolist()
+            chosen = [b for b in row if b >= 0]
+            where = f"group {group} head {head}: {row}"
+            assert len(chosen) == min(top_k, allowed.numel()), f"count, {where}"
+            assert row[len(chosen):] == [-1] * (top_k - len(chosen)), f"-1 not last, {where}"
+            assert chosen == sorted(set(chosen)), f"not ascending and distinct, {where}"
+            assert all(candidate[group, b] for b in chosen), f"not a candidate, {where}"
+            rest = [b for b in allowed.tolist() if b not in chosen]
+            if chosen and rest:
+                score, margin = importance[group, head], slack[group, head]
+                worst_kept = min(score[b] + margin[b] for b in chosen)
+                best_left = max(score[b] - margin[b] for b in rest)
+                assert worst_kept >= best_left, f"not the top {top_k}, {where}"
+
+
+@dtypes
+@few
+@given(data=st.data())
+def test_ball_attention(dtype, data):
+    problem = data.draw(problems(dtype))
+    check_ball(problem, data.draw(powers_of_two(problem.tree.ball_size), label="ball_size"))
+
+
+@dtypes
+@few
+@given(data=st.data())
+def test_compressed_attention(dtype, data):
+    problem = data.draw(problems(dtype))
+    check_compressed(problem, data.draw(powers_of_two(problem.tree.ball_size), label="c"))
+
+
+@dtypes
+@few
+@given(data=st.data())
+def test_selection_attention(dtype, data):
+    problem = data.draw(problems(dtype, ball_sizes=(4, 8, 16), max_cloud=24))
+    P = problem.tree.ball_size
+    s = data.draw(powers_of_two(P), label="select_size")
+    g = data.draw(powers_of_two(P).filter(lambda g: g >= 2), label="group_size")
+    check_selection(problem, s, g, data.draw(st.integers(1, 4), label="top_k"),
+                    data.draw(st.integers(0, 2**31 - 1), label="index seed"))
+
+
+@dtypes
+@few
+@given(data=st.data())
+def test_compress(dtype, data):
+    problem = data.draw(problems(dtype))
+    check_compress(problem, data.draw(powers_of_two(problem.tree.ball_size), label="c"))
+
+
+@few
+@given(data=st.data())
+def test_select_blocks(data):
+    problem = data.draw(problems(data.draw(st.sampled_from(DTYPES), label="dtype"),
+                                 ball_sizes=(4, 8, 16), max_cloud=32))
+    P = problem.tree.ball_size
+    c = data.draw(powers_of_two(P), label="compress_size")
+    s = data.draw(powers_of_two(P).filter(lambda s: s >= c), label="select_size")
+    g = data.draw(powers_of_two(P).filter(lambda g: g >= 2), label="group_size")
+    exclude = data.draw(st.none() | powers_of_two(P), label="exclude_ball_size")
+    check_select_blocks(problem, c, s, g, data.draw(st.integers(1, 6), label="top_k"), exclude)
+
+
+# Sizes the small drawn trees never reach: balls of 128 (one-pass backward over several key
+# chunks) and 256 (two-pass backward; for half inputs with the exact-delta kernel), clouds of
+# P >= 64 slots (single-cloud compressed kernels), selection blocks and groups of 128 (two
+# 64-row chunks), 128 compressed blocks per selection block, top_k > 16 in select_blocks.
+# float16 runs the very code of bfloat16.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_large_blocks(dtype):
+    problem = fixed_problem([135, 64], 128, dtype, heads=1, head_dim=32, seed=1)
+    check_ball(problem, 128)
+    check_ball(problem, 8)
+    check_compressed(problem, 2)
+    check_selection(problem, 128, 128, 2, seed=1)
+    check_compress(problem, 128)
+    check_select_blocks(problem, 1, 128, 64, 3, None)
+    check_select_blocks(problem, 4, 4, 128, 20, 128)
+    check_ball(fixed_problem([300], 256, dtype, heads=1, head_dim=16, seed=2), 256)
+
+
+def test_far_points_and_positive_sigma():
+    """Logits of thousands (positive sigma, far points): rows padding a tile must not overflow
+    into NaN gradients (groups of 2 pad their 16-row tiles)."""
+    problem = fixed_problem([40, 30], 8, torch.float32, heads=1, head_dim=16, seed=11)
+    tree = problem.tree
+    problem.tree = BallTree(perm=tree.perm, mask=tree.mask, offsets=tree.offsets,
+                            pos=tree.pos * 300, ball_size=tree.ball_size,
+                            rotation_perms=tree.rotation_perms, offsets_list=tree.offsets_list,
+                            num_points=tree.num_points)
+    problem.sigma_value = torch.tensor([0.5])
+    check_ball(problem, 4)
+    check_compressed(problem, 2)
+    check_selection(problem, 2, 2, 3, seed=12)
+
+
+def test_one_dot_mode(monkeypatch):
+    """SPLIT_HALF_PRODUCTS=False (the usual FlashAttention rounding of P and dS to one half,
+    delta from the stored output) still computes the right thing, to half precision."""
+    monkeypatch.setattr(_common, "SPLIT_HALF_PRODUCTS", False)
+    problem = fixed_problem([40, 70], 16, torch.bfloat16, heads=2, head_dim=16, seed=3)
+    # A rounding of 2^-9 per term instead of float32 accumulation: ~2^14 times the rule's term.
+    check_ball(problem, 16, magnitude_factor=2.0**14)
+    check_compressed(problem, 4, magnitude_factor=2.0**14)
+    check_selection(problem, 8, 8, 3, seed=5, magnitude_factor=2.0**14)
+
+
+def test_attention_mixture_matches_torch_backend():
+    """`sparseball.attention` (every op, through the public API) agrees with the torch
+    backend, output and gradients."""
+    if torch_ops is None:
+        pytest.skip("the torch backend is not available")
+    problem = fixed_problem([50, 20], 16, torch.float32, heads=2, head_dim=16, seed=7)
+    tree = problem.tree
+    inputs = leaves(problem.slots(), problem.slots(), problem.slots(), problem.sigma_value)
+    gates = torch.softmax(problem.randn(tree.num_slots, problem.heads, 3), -1)
+    grad_out = problem.slots()
+    results = []
+    for backend in ("triton", "torch"):
+        tensors = leaves(*inputs)
+        out = sparseball.attention(*tensors[:3], tree, gates=gates, sigma=tensors[3], top_k=2,
+                                   compress_size=4, select_size=4, group_size=8,
+                                   backend=backend)
+        results.append([out, *grads(out, tensors, grad_out)])
+    for name, got, want in zip(["out", "dq", "dk", "dv", "dsigma"], *results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_public_dispatch(monkeypatch):
+    """The backend table lists every op; on the CPU it serves only under the interpreter."""
+    table = sparseball.BACKENDS["triton"]
+    assert set(table.ops) == set(sparseball.backends.OPS)
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert table.not_supported_reasons("ball_attention", cpu, torch.float32, 64) == []
+    assert table.not_supported_reasons("ball_attention", cpu, torch.float64, 64)
+    assert table.not_supported_reasons("ball_attention", cpu, torch.float32, 256)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    reasons = table.not_supported_reasons("ball_attention", cpu, torch.float32, 64)
+    assert any("TRITON_INTERPRET=1" in reason for reason in reasons), reasons
+
+
+@pytest.mark.skipif(CUDA, reason="test_compile_fullgraph runs the real thing on the GPU")
+def test_compile_traces_fullgraph():
+    """`torch.compile(sparseball.attention, fullgraph=True)` traces forward and backward into
+    one graph of `sparseball_triton` ops: kernels built for a GPU target (no GPU needed to
+    trace), the graph compiled with AOT autograd. Running it needs a GPU, so the run fails
+    after tracing; what counts is that tracing raised no graph break."""
+    script = textwrap.dedent("""
+        import os, sys
+        import numpy as np, torch, triton
+        from triton.backends.compiler import GPUTarget
+        sys.path.insert(0, "tests")
+        from helpers import random_tree
+        import sparseball
+        import sparseball.backends.triton.ops  # kernels as JIT functions: no interpreter
+        from torch._dynamo.backends.common import aot_autograd
+
+        class Target:  # torch asks the driver which target to analyse the kernels for
+            def get_current_target(self):
+                return GPUTarget("cuda", 90, 32)
+        triton.runtime.driver._active = Target()
+        os.environ["TRITON_INTERPRET"] = "1"  # only so that the table accepts CPU tensors
+        graphs = []
+        def keep(gm, example_inputs):
+            graphs.append(gm)
+            return gm
+        tree = random_tree([50, 20], 16, 3, torch.float32, np.random.default_rng(0))
+        q, k, v = (torch.randn(tree.num_slots, 2, 16, requires_grad=True) for _ in range(3))
+        sigma = torch.randn(2, requires_grad=True)
+        def f(q, k, v, sigma):
+            return sparseball.attention(q, k, v, tree, sigma=sigma, top_k=2, compress_size=4,
+                                        select_size=4, group_size=8, backend="triton")
+        compiled = torch.compile(f, fullgraph=True,
+                                 backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+        try:
+            compiled(q, k, v, sigma).sum().backward()
+        except torch._dynamo.exc.Unsupported:
+            raise
+        except Exception as error:  # launching a kernel on the CPU
+            print("ran into", type(error).__name__)
+        assert len(graphs) == 1, len(graphs)  # one forward graph: no graph break
+        launches = graphs[0].code.count("triton_kernel_wrapper_functional(")
+        assert launches >= 6, launches  # compress x2, compressed, select, selection, ball
+        print("TRACED", launches)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=300, check=False)
+    assert result.returncode == 0 and "TRACED" in result.stdout, result.stderr[-4000:]
+
+
+_COMPILE_SCRIPT = """
+import json, sys
+import numpy as np, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+sys.path.insert(0, "tests")
+from helpers import random_tree
+from sparseball.backends.triton import _common, ball, compressed, ops, select, selection
+
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+         torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32"}
+seen, report = set(), []
+
+
+class Compile:
+    # Stands in for wrap_triton: builds each launch for sm_90 instead of running it.
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps=4, num_stages=3, **constexprs):
+            names = self.kernel.arg_names
+            signature = {}
+            for name, value in zip(names, args):
+                if isinstance(value, torch.Tensor):
+                    signature[name] = "*" + TYPES[value.dtype]
+                else:
+                    signature[name] = "fp32" if isinstance(value, float) else "i64"
+            signature.update({name: "constexpr" for name in constexprs})
+            key = (self.kernel.__name__, json.dumps(signature, sort_keys=True),
+                   json.dumps(constexprs, sort_keys=True, default=str), num_warps, num_stages)
+            if key in seen:
+                return
+            seen.add(key)
+            source = ASTSource(self.kernel, signature, constexprs=constexprs)
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=num_warps, num_stages=num_stages))
+            report.append((self.kernel.__name__, compiled.metadata.shared))
+        return launch
+
+
+for module in (_common, ball, compressed, select, selection):
+    module.wrap_triton = Compile
+for dtype, D in ((torch.bfloat16, 64), (torch.float32, 64)):
+    tree = random_tree([300, 100], 128, 3, torch.float32, np.random.default_rng(0))
+    M, H = tree.num_slots, 2
+    q, k, v = (torch.randn(M, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
+    sigma = torch.randn(H, dtype=dtype, requires_grad=True)
+    outs = [ops.ball_attention(q, k, v, tree, 128, sigma, 0.1),
+            ops.ball_attention(q, k, v, tree, 16, sigma, 0.1)]
+    k_cmp, v_cmp = ops.compress(k, tree, 32), ops.compress(v, tree, 32)
+    out, lse = ops.compressed_attention(q, k_cmp, v_cmp, tree, 32, sigma, 0.1)
+    outs.append(out)
+    ops.select_blocks(q, k_cmp, torch.zeros_like(lse), tree, 32, 64, 64, 16, sigma, 0.1, None)
+    indices = torch.arange(2, dtype=torch.int32).expand(M // 64, H, 2).contiguous()
+    outs.append(ops.selection_attention(q, k, v, tree, indices, 64, 64, sigma, 0.1))
+    torch.autograd.grad(sum(o.float().sum() for o in outs), (q, k, v, sigma))
+limit = 232448  # bytes of shared memory per block on sm_90
+too_big = [entry for entry in report if entry[1] > limit]
+assert not too_big, too_big
+print("COMPILED", len(report))
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="the GPU tests build and run every kernel")
+def test_kernels_build_for_sm90():
+    """Every kernel the ops launch (bfloat16 and float32 at D = 64, the main tile
+    configurations) builds with the real compiler for sm_90 and fits its shared memory. The
+    interpreter does not compile, so this is what catches compile-time errors on CPU CI."""
+    nvidia = importlib.util.find_spec("triton.backends.nvidia")
+    if nvidia is None or not os.path.exists(
+            os.path.join(os.path.dirname(nvidia.origin), "bin", "ptxas")):
+        pytest.skip("triton's NVIDIA backend (with its ptxas) is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True,
+                            text=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0 and "COMPILED" in result.stdout, result.stderr[-4000:]
+
+
+# GPU: large inputs against the torch backend, determinism, torch.compile
+
+
+def _gpu_magnitudes(problem, q, k, v, grad_out, sigma):
+    """`attention_magnitudes` with the largest distance bounded by the bounding box (no
+    M x M distance matrix)."""
+    pos = problem.tree.pos.double()
+    corners = torch.stack([pos.min(0).values, pos.max(0).values])
+    return attention_magnitudes(q, k, v, grad_out, problem.scale, sigma, corners)
+
+
+def _against_torch_backend(name, got, want, reduction, magnitude):
+    """Both backends are within the rule's bound of the exact value (each rounded once to the
+    output dtype), so they are within twice that bound of each other."""
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+    assert not torch.isnan(got).any(), f"{name}: NaN"
+    out_dtype = got.dtype
+    got, want = got.detach().double(), want.detach().double()
+    infinite = ~torch.isfinite(want)
+    assert torch.equal(got[infinite], want[infinite]), f"{name}: infinities differ"
+    bound = 2 * tolerance(want, out_dtype, reduction, magnitude)
+    error = (got - want).abs().masked_fill(infinite, 0)
+    worst = float((error / bound.clamp(min=1e-300)).max())
+    assert worst <= 1, f"{name}: worst error / bound {worst:.3g}"
+
+
+@pytest.mark.gpu
+@dtypes
+@settings(max_examples=3, deadline=None)
+@given(points=st.integers(1000, 1 << 20), clouds=st.integers(1, 16),
+       head_dim=st.sampled_from([16, 32, 64, 128]), seed=st.integers(0, 2**31))
+def test_large_against_torch_backend(dtype, points, clouds, head_dim, seed):
+    """Every op and every gradient against the torch backend on up to 1M points. Each op gets
+    the same inputs on both backends (the torch backend's compressed keys, lse and selection),
+    so that a rounding difference upstream does not show up downstream."""
+    if torch_ops is None:
+        pytest.skip("the torch backend is not available")
+    points = min(points, (1 << 26) // head_dim)  # 1M points up to D = 64: both backends fit
+    rng = np.random.default_rng(seed)
+    sizes = np.maximum(1, rng.multinomial(points, np.ones(clouds) / clouds)).tolist()
+    tree = random_tree(sizes, 128, 3, torch.float32, rng)
+    problem = Problem(tree, 8, head_dim, dtype, 1 / math.sqrt(head_dim), True, seed,
+                      device="cuda")
+    tree, scale = problem.tree, problem.scale
+    M = tree.num_slots
+    c, s, g, top_k = 64, 64, 64, 16
+    q, k, v = problem.slots(), problem.slots(), problem.slots()
+    sigma = problem.sigma_value
+    grad_out = problem.slots()
+    size = _gpu_magnitudes(problem, q, k, v, grad_out, sigma)
+
+    def both(run, tensors, names, reductions):
+        """Run `run(module, *leaves)` on both backends; compare outputs and gradients."""
+        results = []
+        for module in (triton_ops, torch_ops):
+            inputs = leaves(*tensors)
+            out = run(module, *inputs)
+            results.append([out, *grads(out, inputs, grad_out[:out.shape[0]])])
+        for name, got, want, n in zip(names, *results, reductions, strict=True):
+            _against_torch_backend(name, got, want, n, size[name.split("/")[-1]])
+
+    both(lambda m, x: m.compress(x, tree, c), [k], ["compress/out", "compress/v"], [c, c])
+    k_cmp, v_cmp = torch_ops.compress(k, tree, c), torch_ops.compress(v, tree, c)
+    names = ["compressed/out", "compressed/q", "compressed/k", "compressed/v", "compressed/sigma"]
+    both(lambda m, *x: m.compressed_attention(*x[:3], tree, c, x[3], scale)[0],
+         [q, k_cmp, v_cmp, sigma], names, [M // c, M, M, M, M * (M // c)])
+    _, lse = torch_ops.compressed_attention(q, k_cmp, v_cmp, tree, c, sigma, scale)
+    _, lse_triton = triton_ops.compressed_attention(q, k_cmp, v_cmp, tree, c, sigma, scale)
+    _against_torch_backend("lse", lse_triton, lse, M // c, size["logits"])
+
+    chosen = torch_ops.select_blocks(q, k_cmp, lse, tree, c, s, g, top_k, sigma, scale, None)
+    ours = triton_ops.select_blocks(q, k_cmp, lse, tree, c, s, g, top_k, sigma, scale, None)
+    agree = (ours == chosen).all(-1).float().mean().item()
+    assert agree > 0.99, f"select_blocks agrees with the torch backend on {agree:.4f} of rows"
+    assert ((ours[..., 1:] > ours[..., :-1]) | (ours[..., 1:] == -1)).all()
+
+    names = ["selection/out", "selection/q", "selection/k", "selection/v", "selection/sigma"]
+    both(lambda m, *x: m.selection_attention(*x[:3], tree, chosen, s, g, x[3], scale),
+         [q, k, v, sigma], names, [top_k * s, top_k * s, M, M, M * top_k * s])
+    names = ["ball/out", "ball/q", "ball/k", "ball/v", "ball/sigma"]
+    both(lambda m, *x: m.ball_attention(*x[:3], tree, 128, x[3], scale),
+         [q, k, v, sigma], names, [128, 128, 128, 128, M * 128])
+
+
+@pytest.mark.gpu
+@dtypes
+def test_backward_is_deterministic(dtype):
+    problem = fixed_problem([300_000, 5000], 128, dtype, heads=4, head_dim=64, device="cuda")
+    tree = problem.tree
+    q, k, v = problem.slots(), problem.slots(), problem.slots()
+    sigma = problem.sigma_value
+    grad_out = problem.slots()
+    runs = []
+    for _ in range(2):
+        tensors = leaves(q, k, v, sigma)
+        out = sparseball.attention(*tensors[:3], tree, sigma=tensors[3], backend="triton")
+        runs.append([out, *grads(out, tensors, grad_out)])
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph():
+    """torch.compile(sparseball.attention, fullgraph=True): forward and backward, same results
+    as eager."""
+    problem = fixed_problem([40_000, 3000], 128, torch.bfloat16, heads=4, head_dim=64,
+                            device="cuda")
+    tree = problem.tree
+    inputs = leaves(problem.slots(), problem.slots(), problem.slots(), problem.sigma_value)
+    grad_out = problem.slots()
+
+    def run(q, k, v, sigma):
+        return sparseball.attention(q, k, v, tree, sigma=sigma, backend="triton")
+
+    eager_leaves = leaves(*inputs)
+    eager = run(*eager_leaves)
+    eager_grads = grads(eager, eager_leaves, grad_out)
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(run, fullgraph=True)
+    compiled_leaves = leaves(*inputs)
+    compiled = compiled_fn(*compiled_leaves)
+    compiled_grads = grads(compiled, compiled_leaves, grad_out)
+    # Inductor may fuse the mixture's elementwise math (one rounding instead of several).
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
