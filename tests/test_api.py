@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sparseball
 from sparseball import ops
@@ -200,3 +202,27 @@ def test_auto_skips_backends_not_yet_validated_on_a_gpu(qkv, monkeypatch):
     assert BACKENDS["triton"].not_supported_reasons("ball_attention", qkv[0].device,
                                                     qkv[0].dtype, D) == []
     assert select_backend("ball_attention", "auto", qkv[0]) is BACKENDS["torch"].kernels()
+
+
+@given(seed=st.integers(0, 2**31 - 1), sizes=st.lists(st.integers(1, 70), min_size=1, max_size=3))
+def test_attention_does_not_depend_on_the_order_of_the_input_points(seed, sizes):
+    # Distinct random points give the same tree whatever their input order, so per-point
+    # outputs of the whole pipeline (to_slots -> attention -> from_slots) follow the points.
+    generator = torch.Generator().manual_seed(seed)
+    num_points = sum(sizes)
+    pos = torch.randn(num_points, 3, generator=generator, dtype=torch.float64)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    x = torch.randn(num_points, H, D, generator=generator, dtype=torch.float64)
+    sigma = -torch.rand(H, generator=generator, dtype=torch.float64)
+    shuffle = torch.randperm(num_points, generator=generator)
+
+    def per_point(pos, batch, x):
+        tree = sparseball.build_tree(pos, batch, ball_size=8)
+        q = tree.to_slots(x)
+        out = sparseball.attention(q, q.flip(-1), q * 2, tree, sigma=sigma, top_k=2,
+                                   compress_size=2, select_size=4, group_size=4)
+        return tree.from_slots(out)
+
+    expected = per_point(pos, batch, x)[shuffle]
+    torch.testing.assert_close(per_point(pos[shuffle], batch[shuffle], x[shuffle]), expected,
+                               rtol=1e-12, atol=1e-12)
