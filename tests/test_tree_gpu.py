@@ -193,7 +193,7 @@ def test_resolve_builder_routes(monkeypatch):
     monkeypatch.setattr(tree_module, "_cupy_available", lambda: True)
     assert tree_module._resolve_builder("auto", torch.device("cuda", 0)) == "cupy"
     monkeypatch.setattr(tree_module, "_cupy_available", lambda: False)
-    monkeypatch.setattr(tree_module, "_WARNED_NO_CUPY", False)
+    tree_module._warn_no_cupy_once.cache_clear()
     with pytest.warns(RuntimeWarning, match="CuPy cannot be imported"):
         assert tree_module._resolve_builder("auto", torch.device("cuda", 0)) == "numba"
     with warnings.catch_warnings():

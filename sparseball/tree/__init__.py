@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -83,32 +84,23 @@ def _resolve_builder(backend: str, device: torch.device) -> str:
     return backend
 
 
-_CUPY_AVAILABLE: bool | None = None
-_WARNED_NO_CUPY = False
-
-
+@functools.cache
 def _cupy_available() -> bool:
-    global _CUPY_AVAILABLE
-    if _CUPY_AVAILABLE is None:
-        try:
-            import cupy  # noqa: F401
-
-            _CUPY_AVAILABLE = True
-        except Exception:  # ImportError, or CuPy failing to find its CUDA libraries
-            _CUPY_AVAILABLE = False
-    return _CUPY_AVAILABLE
+    try:
+        import cupy  # noqa: F401
+    except Exception:  # ImportError, or CuPy failing to find its CUDA libraries
+        return False
+    return True
 
 
+@functools.cache
 def _warn_no_cupy_once() -> None:
-    global _WARNED_NO_CUPY
-    if not _WARNED_NO_CUPY:
-        _WARNED_NO_CUPY = True
-        warnings.warn(
-            "build_tree(backend='auto'): CuPy cannot be imported, so CUDA inputs are built on the "
-            "CPU by the Numba builder and copied back (install cupy-cuda13x to build on the GPU)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    warnings.warn(
+        "build_tree(backend='auto'): CuPy cannot be imported, so CUDA inputs are built on the "
+        "CPU by the Numba builder and copied back (install cupy-cuda13x to build on the GPU)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _check_tree_inputs(pos, batch, ball_size, rotations, backend) -> int:
