@@ -98,6 +98,32 @@ def _dot_split(a, b, FP32: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constex
 
 
 @triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                         SPLIT_DOT: tl.constexpr):
+    """Fold one key chunk into a streaming softmax: logits `s` `[rows, keys]` (log2 domain,
+    -inf where a key is not allowed) and values `v` `[keys, D]` update the running row max
+    `m_i`, sum `l_i` and output `acc`; returns the three."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row with no key so far keeps m = -inf; subtracting 0 instead avoids inf - inf.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot_split(p, v, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _online_softmax_finish(m_i, l_i, acc):
+    """The streamed softmax's output `[rows, D]` and natural-log lse `[rows]`; a row that saw
+    no key gets output 0 and lse -inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    return acc / l_safe[:, None], lse
+
+
+@triton.jit
 def _distance(pos_a, rows, rows_ok, pos_b, cols, cols_ok, DIM: tl.constexpr):
     """Euclidean distances `[len(rows), len(cols)]` between float32 points `pos_a[rows]` and
     `pos_b[cols]` (both `[*, DIM]`), by coordinate differences: ||a||^2 + ||b||^2 - 2ab would

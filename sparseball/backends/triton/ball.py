@@ -23,11 +23,12 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._common import (
-    LN2,
     LOG2E,
     _distance,
     _dot,
     _dot_split,
+    _online_softmax_finish,
+    _online_softmax_step,
     attention_bwd_delta,
     block_d,
     dot_modes,
@@ -80,20 +81,10 @@ def _ball_attention_fwd_kernel(
             s += sig * _distance(POS, rows, rows_ok, POS, keys, keys_ok, DIM)
         allowed = real[None, :] & ((rows[:, None] // BALL) == (keys[None, :] // BALL))
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row with no key so far keeps m = -inf; subtracting 0 instead avoids inf - inf.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot_split(p, v, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
-        m_i = m_new
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+    out, lse = _online_softmax_finish(m_i, l_i, acc)
     tl.store(O + rows[:, None] * stride + h * D + dims[None, :], out.to(O.dtype.element_ty),
              mask=rows_ok[:, None] & dims_ok[None, :])
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     tl.store(LSE + rows * H + h, lse, mask=rows_ok)
 
 

@@ -17,11 +17,12 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._common import (
-    LN2,
     LOG2E,
     _distance,
     _dot,
     _dot_split,
+    _online_softmax_finish,
+    _online_softmax_step,
     attention_bwd_delta,
     block_d,
     dot_modes,
@@ -147,17 +148,9 @@ def _compressed_attention_fwd_kernel(
         if not SINGLE_CLOUD:
             allowed = allowed & (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot_split(p, v, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
-        m_i = m_new
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    tl.store(O + q_offs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=q_ok)
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+    out, lse = _online_softmax_finish(m_i, l_i, acc)
+    tl.store(O + q_offs, out.to(O.dtype.element_ty), mask=q_ok)
     tl.store(LSE + rows * H + h, lse, mask=rows_ok)
 
 
