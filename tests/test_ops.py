@@ -49,7 +49,7 @@ def _tree_on(device, tree):
     differently on another device, and the ops are tested here, not `tree.centers`."""
     moved = tree.to(device)
     for c in (1 << i for i in range(tree.ball_size.bit_length())):
-        moved._center_cache[c] = tree.centers(c).to(device)
+        moved._cache[("centers", c)] = tree.centers(c).to(device)
     return moved
 
 

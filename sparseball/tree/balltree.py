@@ -32,7 +32,8 @@ class BallTree:
     rotation_perms: torch.Tensor
     offsets_list: tuple[int, ...]
     num_points: int
-    _center_cache: dict = field(default_factory=dict, repr=False)
+    # Derived tensors (slot_cloud, centers per block size), computed once per tree.
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_slots(self) -> int:
@@ -57,9 +58,12 @@ class BallTree:
     @property
     def slot_cloud(self) -> torch.Tensor:
         """int64 `[M]`: the cloud id of each slot."""
-        sizes = self.offsets[1:] - self.offsets[:-1]
-        ids = torch.arange(self.num_clouds, device=self.device)
-        return torch.repeat_interleave(ids, sizes, output_size=self.num_slots)
+        if "slot_cloud" not in self._cache:
+            sizes = self.offsets[1:] - self.offsets[:-1]
+            ids = torch.arange(self.num_clouds, device=self.device)
+            self._cache["slot_cloud"] = torch.repeat_interleave(ids, sizes,
+                                                                output_size=self.num_slots)
+        return self._cache["slot_cloud"]
 
     def to_slots(self, x: torch.Tensor) -> torch.Tensor:
         """`[N, ...]` point data -> `[M, ...]` slot data; padding slots repeat their real point."""
@@ -93,13 +97,13 @@ class BallTree:
         points, so this is still a point of the cloud's hull); such blocks are never keys.
         """
         check_power_of_two("block_size", block_size, maximum=self.ball_size)
-        if block_size not in self._center_cache:
+        if ("centers", block_size) not in self._cache:
             pos = self.pos.view(-1, block_size, self.dim)
             weight = self.mask.view(-1, block_size, 1).to(pos.dtype)
             count = weight.sum(1)
             real_mean = (pos * weight).sum(1) / count.clamp(min=1)
-            self._center_cache[block_size] = torch.where(count > 0, real_mean, pos.mean(1))
-        return self._center_cache[block_size]
+            self._cache[("centers", block_size)] = torch.where(count > 0, real_mean, pos.mean(1))
+        return self._cache[("centers", block_size)]
 
     def rotated(self, r: int) -> torch.Tensor:
         """int64 `[M]`: `x[tree.rotated(r)]` puts slot-ordered data into rotated ordering r."""
