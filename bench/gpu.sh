@@ -5,7 +5,8 @@
 # $OUT/results.tar.gz
 # ($OUT defaults to ./out).
 #   bash bench/gpu.sh           # everything
-#   bash bench/gpu.sh tests     # one part: tests, demo, torch, triton, tree
+#   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, triton, tree
+# Step time limits: TESTS_LIMIT, DEMO_LIMIT, TORCH_LIMIT, TUNE_LIMIT, TRITON_LIMIT, TREE_LIMIT (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -30,9 +31,10 @@ step() {  # step NAME SECONDS COMMAND...: run one part within a time limit, log 
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
 step tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider tests
-step demo 120 python3 -m sparseball demo
-step torch 240 python3 bench/torch_backend.py --out "$RESULTS"
-[[ -f bench/triton_ops.py ]] && step triton 200 python3 bench/triton_ops.py --out "$RESULTS"
-[[ -f bench/tree_gpu.py ]] && step tree 150 python3 bench/tree_gpu.py --out "$RESULTS"
+step demo "${DEMO_LIMIT:-120}" python3 -m sparseball demo
+step torch "${TORCH_LIMIT:-240}" python3 bench/torch_backend.py --out "$RESULTS"
+step tune "${TUNE_LIMIT:-330}" python3 bench/triton_tune.py --out "$RESULTS"
+[[ -f bench/triton_ops.py ]] && step triton "${TRITON_LIMIT:-200}" python3 bench/triton_ops.py --out "$RESULTS"
+[[ -f bench/tree_gpu.py ]] && step tree "${TREE_LIMIT:-150}" python3 bench/tree_gpu.py --out "$RESULTS"
 tar czf "$OUT/results.tar.gz" -C "$RESULTS" .
 exit $status

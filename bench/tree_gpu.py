@@ -82,7 +82,11 @@ def same_tree(a, b) -> bool:
             and torch.equal(a.rotation_perms.cpu(), b.rotation_perms.cpu()))
 
 
-def measure(name, num_clouds, points, erwin, repeats, with_numba=True, with_erwin=True):
+def measure(name, num_clouds, points, erwin, repeats, with_numba=True, with_erwin=True,
+            cpu_repeats=None):
+    """One row; `cpu_repeats` (default repeats // 4, at least 3) times the CPU builders, which
+    take seconds per call on the largest clouds."""
+    cpu_repeats = max(3, repeats // 4) if cpu_repeats is None else cpu_repeats
     pos, batch = inputs(num_clouds, points)
     pos_cpu, batch_cpu = pos.cpu(), batch.cpu()
     row = {"case": name, "clouds": num_clouds, "points": num_clouds * points}
@@ -101,17 +105,19 @@ def measure(name, num_clouds, points, erwin, repeats, with_numba=True, with_erwi
         def numba_build():
             return sparseball.build_tree(pos_cpu, batch_cpu, ball_size=BALL_SIZE, backend="numba")
 
-        row["numba_ms"] = wall_ms(numba_build, max(3, repeats // 4))
+        row["numba_ms"] = wall_ms(numba_build, cpu_repeats)
         row["identical"] = same_tree(tree, numba_build())
         row["identical_rot1"] = same_tree(
             cupy_build(1),
             sparseball.build_tree(pos_cpu, batch_cpu, ball_size=BALL_SIZE, rotations=1, backend="numba"))
     if with_erwin and erwin is not None:
         try:
-            row["erwin_ms"] = wall_ms(lambda: erwin(pos, batch), max(3, repeats // 4))
+            row["erwin_ms"] = wall_ms(lambda: erwin(pos, batch), cpu_repeats,
+                                      warmup=1 if cpu_repeats > 1 else 0)
         except Exception as error:
             row["erwin_error"] = f"{type(error).__name__}: {error}"
     torch.cuda.empty_cache()
+    print(row, flush=True)
     return row
 
 
@@ -137,8 +143,12 @@ def main() -> None:
     cases = [measure(name, b, n, erwin, args.repeats) for name, b, n in CASES]
     growth = []
     for n in (n for n in GROWTH if n <= args.max_growth):
-        reps = args.repeats if n <= 1 << 20 else max(3, args.repeats // 4)
-        growth.append(measure(f"1 x {n:,}", 1, n, erwin, reps, with_numba=True, with_erwin=True))
+        if n == CASES[0][2]:  # measured above
+            growth.append({**cases[0], "case": f"1 x {n:,}"})
+            continue
+        large = n > 1 << 20
+        growth.append(measure(f"1 x {n:,}", 1, n, erwin, max(3, args.repeats // 4) if large else args.repeats,
+                              cpu_repeats=1 if large else None))
 
     import cupy
     import numba

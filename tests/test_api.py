@@ -3,6 +3,7 @@ names the argument; a forced backend never falls back silently."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -194,14 +195,20 @@ def test_import_without_optional_backends():
     assert "torch.Size([48, 1, 4])" in result.stdout
 
 
-def test_auto_skips_backends_not_yet_validated_on_a_gpu(qkv, monkeypatch):
-    # Under the interpreter triton could serve CPU tensors, but it has not passed its GPU
-    # tests yet, so "auto" must still take torch; asked for by name, triton serves.
+def test_auto_never_picks_the_interpreter(qkv, monkeypatch):
+    # Under the interpreter triton can serve CPU tensors when asked for by name, but "auto"
+    # must still take torch: the interpreter is a checking tool, far too slow for a default.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not BACKENDS["triton"].in_auto
+    assert BACKENDS["triton"].in_auto
     assert BACKENDS["triton"].not_supported_reasons("ball_attention", qkv[0].device,
                                                     qkv[0].dtype, D) == []
     assert select_backend("ball_attention", "auto", qkv[0]) is BACKENDS["torch"].kernels()
+
+
+def test_auto_skips_backends_not_validated_on_hardware(qkv, monkeypatch):
+    monkeypatch.setitem(BACKENDS, "torch", dataclasses.replace(BACKENDS["torch"], in_auto=False))
+    with pytest.raises(ValueError, match="no backend can run"):
+        select_backend("ball_attention", "auto", qkv[0])
 
 
 @given(seed=st.integers(0, 2**31 - 1), sizes=st.lists(st.integers(1, 70), min_size=1, max_size=3))

@@ -639,9 +639,10 @@ def test_backward_is_deterministic(dtype):
 
 
 @pytest.mark.gpu
-def test_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_compile_fullgraph(backend):
     """torch.compile(sparseball.attention, fullgraph=True): forward and backward, same results
-    as eager."""
+    as eager; "auto" (the default) picks triton for CUDA tensors, through the same table."""
     problem = fixed_problem([40_000, 3000], 128, torch.bfloat16, heads=4, head_dim=64,
                             device="cuda")
     tree = problem.tree
@@ -649,7 +650,7 @@ def test_compile_fullgraph():
     grad_out = problem.slots()
 
     def run(q, k, v, sigma):
-        return sparseball.attention(q, k, v, tree, sigma=sigma, backend="triton")
+        return sparseball.attention(q, k, v, tree, sigma=sigma, backend=backend)
 
     eager_leaves = leaves(*inputs)
     eager = run(*eager_leaves)

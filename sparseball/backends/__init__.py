@@ -41,6 +41,7 @@ class Backend:
             Triton interpreter runs kernels on the CPU, slowly: for CI without a GPU).
         in_auto: whether `"auto"` may pick it. Off for kernels that have not yet passed their
             GPU tests (bench/gpu.sh) on real hardware: they serve only when asked for by name.
+            `"auto"` never picks a backend for an interpreted device (too slow to be a default).
     """
 
     name: str
@@ -54,14 +55,15 @@ class Backend:
     in_auto: bool = True
 
     def not_supported_reasons(self, op: str, device: torch.device, dtype: torch.dtype,
-                              head_dim: int) -> list[str]:
-        """Sentences saying why this backend cannot run `op` on these inputs (empty: it can)."""
+                              head_dim: int, interpreted: bool = True) -> list[str]:
+        """Sentences saying why this backend cannot run `op` on these inputs (empty: it can).
+        `interpreted=False` leaves out the devices it reaches only through an interpreter."""
         reasons = [f"the {pkg} package is not installed" for pkg in self.requires
-                   if importlib.util.find_spec(pkg) is None]
+                   if not _INSTALLED[pkg]]
         if op not in self.ops:
             reasons.append(f"it does not implement {op} yet")
         devices = self.devices
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        if interpreted and os.environ.get("TRITON_INTERPRET") == "1":
             devices = devices + self.interpreted_devices
         if device.type not in devices:
             where = " or ".join(devices)
@@ -95,9 +97,6 @@ BACKENDS: dict[str, Backend] = {
             requires=("triton",),
             max_head_dim=128,
             interpreted_devices=("cpu",),
-            # Checked against the oracle under the Triton interpreter and compiled for sm_90,
-            # but not yet run on a GPU (issue 4): "auto" leaves it out until it has been.
-            in_auto=False,
         ),
         Backend(
             name="cupy",
@@ -118,6 +117,10 @@ BACKENDS: dict[str, Backend] = {
     )
 }
 BACKEND_NAMES = ("auto", *BACKENDS)
+# Looked up once: torch.compile cannot trace importlib.util.find_spec (a graph break), and
+# finding a package is a file-system walk on every call otherwise.
+_INSTALLED = {pkg: importlib.util.find_spec(pkg) is not None
+              for backend in BACKENDS.values() for pkg in backend.requires}
 
 _default = threading.local()
 
@@ -169,7 +172,7 @@ def select_backend(op: str, backend: str, reference: torch.Tensor) -> ModuleType
     for candidate in BACKENDS.values():
         if not candidate.in_auto:
             continue
-        reasons = candidate.not_supported_reasons(op, device, dtype, head_dim)
+        reasons = candidate.not_supported_reasons(op, device, dtype, head_dim, interpreted=False)
         if not reasons:
             return candidate.kernels()
         all_reasons.append(f"{candidate.name}: " + "; ".join(reasons))

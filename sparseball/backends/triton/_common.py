@@ -19,6 +19,18 @@ LN2 = tl.constexpr(0.6931471805599453)
 POISON = False
 
 
+# Each op picks its launch configuration (tiles, num_warps, num_stages) in a config function
+# that passes its choice through `launch_config`; bench/triton_tune.py sweeps the candidates
+# by putting entries here, keyed by the config's name ("ball_fwd", "selection", ...).
+CONFIG_OVERRIDES: dict[str, dict] = {}
+
+
+def launch_config(name: str, default: dict) -> dict:
+    """`default`, with the entries a benchmark sweep put in CONFIG_OVERRIDES[name]."""
+    override = CONFIG_OVERRIDES.get(name)
+    return {**default, **override} if override else default
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

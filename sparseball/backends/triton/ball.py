@@ -33,6 +33,7 @@ from ._common import (
     block_d,
     dot_modes,
     exact_delta_wanted,
+    launch_config,
     new_tensor,
 )
 
@@ -311,29 +312,34 @@ def _ball_attention_bwd_two_pass_kernel(
         tl.store(DSIGMA + h * tl.num_programs(0) + pid, tl.sum(dsig, axis=0))
 
 
-def _fwd_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), picked from sm_90 register/spill reports.
-    Balls up to 64 share a 64-row tile whose keys are its own rows; larger balls are streamed
-    in 64-key chunks."""
+def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Tiles and (num_warps, num_stages), picked from sm_90 register/spill reports. Balls up
+    to BLOCK_M share a tile under a block-diagonal mask; larger balls are streamed in BLOCK_N
+    key chunks."""
     if dtype == torch.float32:
-        return 64, 32 if head_dim > 64 else 64, 4, 1
-    return 64, 64, 8 if head_dim > 64 else 4, 2
+        config = dict(block_m=64, block_n=32 if head_dim > 64 else 64, warps=4, stages=1)
+    else:
+        config = dict(block_m=64, block_n=64, warps=8 if head_dim > 64 else 4, stages=2)
+    return launch_config("ball_fwd", config)
 
 
-def _bwd_config(ball_size: int, head_dim: int, dtype: torch.dtype) -> tuple[bool, int, int, int, int]:
-    """(one_pass, TILE or CHUNK, BLOCK_N, num_warps, num_stages), picked from sm_90 register,
+def _bwd_config(ball_size: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """one_pass, rows (TILE or CHUNK), block_n, warps, stages; picked from sm_90 register,
     spill and shared-memory reports of the compiled kernels: float32 (3xTF32 operands take
     twice the shared memory), balls over 128, and balls of 128 at D = 128 (the one-pass tile
-    spills heavily) take the two-pass kernel."""
-    if dtype == torch.float32:
-        return False, 32 if head_dim > 64 else 64, 0, 8, 1
-    if ball_size > MAX_FUSED_TILE or (ball_size > 64 and head_dim > 64):
-        return False, 32 if head_dim > 64 else 64, 0, 8, 1
-    if ball_size <= 64:
-        if head_dim <= 64:
-            return True, 64, 64, 8, 2
-        return True, 64, 32, 8, 1
-    return True, 128, 32, 8, 1
+    spills heavily) take the two-pass kernel. A one-pass tile must hold whole balls."""
+    two_pass = dict(one_pass=False, rows=32 if head_dim > 64 else 64, block_n=0, warps=8, stages=1)
+    if dtype == torch.float32 or ball_size > MAX_FUSED_TILE or (ball_size > 64 and head_dim > 64):
+        config = two_pass
+    elif ball_size <= 64:
+        config = dict(one_pass=True, rows=64, block_n=64 if head_dim <= 64 else 32, warps=8,
+                      stages=2 if head_dim <= 64 else 1)
+    else:
+        config = dict(one_pass=True, rows=128, block_n=32, warps=8, stages=1)
+    config = launch_config("ball_bwd", config)
+    if config["one_pass"] and config["rows"] < ball_size:
+        config = two_pass
+    return config
 
 
 @triton_op("sparseball_triton::ball_attention", mutates_args=())
@@ -343,7 +349,8 @@ def ball_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
     M, H, D = q.shape
     out = new_tensor((M, H, D), q.dtype, q.device)
     lse = new_tensor((M, H), torch.float32, q.device)
-    block_m, block_n, warps, stages = _fwd_config(D, q.dtype)
+    cfg = _fwd_config(D, q.dtype)
+    block_m, block_n, warps, stages = cfg["block_m"], cfg["block_n"], cfg["warps"], cfg["stages"]
     wrap_triton(_ball_attention_fwd_kernel)[(triton.cdiv(M, block_m), H)](
         q, k, v, pos, mask, q if sigma is None else sigma, out, lse,
         M, H, scale,
@@ -364,7 +371,9 @@ def ball_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     dq = new_tensor((M, H, D), q.dtype, q.device)
     dk = new_tensor((M, H, D), q.dtype, q.device)
     dv = new_tensor((M, H, D), q.dtype, q.device)
-    one_pass, rows, block_n, warps, stages = _bwd_config(ball_size, D, q.dtype)
+    cfg = _bwd_config(ball_size, D, q.dtype)
+    one_pass, rows, block_n = cfg["one_pass"], cfg["rows"], cfg["block_n"]
+    warps, stages = cfg["warps"], cfg["stages"]
     grid = (triton.cdiv(M, rows), H)
     partial = new_tensor((H, grid[0]), torch.float32, q.device)
     modes = dot_modes(q.dtype)

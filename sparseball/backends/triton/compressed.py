@@ -27,6 +27,7 @@ from ._common import (
     block_d,
     dot_modes,
     exact_delta_wanted,
+    launch_config,
     new_tensor,
 )
 
@@ -306,10 +307,12 @@ def _attn_config(head_dim: int, dtype: torch.dtype) -> dict:
     reports of the compiled kernels."""
     if dtype == torch.float32:
         same = (4, 1)
-        return dict(block_m=64, block_n=32 if head_dim > 64 else 64, fwd=same, dq=same, dkv=same)
-    wide = head_dim > 64
-    return dict(block_m=64, block_n=64, fwd=(8, 2), dq=(4, 1) if wide else (8, 1),
-                dkv=(8, 2) if wide else (8, 1))
+        config = dict(block_m=64, block_n=32 if head_dim > 64 else 64, fwd=same, dq=same, dkv=same)
+    else:
+        wide = head_dim > 64
+        config = dict(block_m=64, block_n=64, fwd=(8, 2), dq=(4, 1) if wide else (8, 1),
+                      dkv=(8, 2) if wide else (8, 1))
+    return launch_config("compressed", config)
 
 
 @triton_op("sparseball_triton::compressed_attention", mutates_args=())

@@ -6,6 +6,8 @@ carry their own autograd, so `torch.compile(..., fullgraph=True)` sees one op pe
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...tree import BallTree
@@ -29,9 +31,18 @@ def _sigma(sigma: torch.Tensor | None) -> torch.Tensor | None:
     return None if sigma is None else sigma.contiguous()
 
 
-def _cloud_ranges(tree: BallTree) -> tuple[torch.Tensor, torch.Tensor]:
-    P = tree.ball_size
-    return cloud_ranges(tree.offsets, P, tree.num_slots // P)
+def _cloud_unit(tree: BallTree) -> int:
+    """The largest block size that no cloud boundary cuts: the gcd of the offsets (a multiple
+    of the ball size; the whole layout for one cloud). Kernels whose tiles fit in it skip the
+    per-element cloud masks."""
+    return math.gcd(*tree.offsets_list) or tree.ball_size
+
+
+def _cloud_ranges(tree: BallTree) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per `_cloud_unit` block: the slot range of its cloud; and the unit."""
+    unit = _cloud_unit(tree)
+    lo, hi = cloud_ranges(tree.offsets, unit, tree.num_slots // unit)
+    return lo, hi, unit
 
 
 def _block_real(tree: BallTree, block_size: int) -> torch.Tensor:
@@ -52,11 +63,11 @@ def ball_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: Ball
 def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, tree: BallTree,
                          compress_size: int, sigma: torch.Tensor | None,
                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    cloud_lo, cloud_hi = _cloud_ranges(tree)
+    cloud_lo, cloud_hi, unit = _cloud_ranges(tree)
     return compressed_attention_op(
         q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), _pos(tree),
         tree.centers(compress_size).to(torch.float32).contiguous(),
-        _block_real(tree, compress_size), cloud_lo, cloud_hi, _sigma(sigma), tree.ball_size,
+        _block_real(tree, compress_size), cloud_lo, cloud_hi, _sigma(sigma), unit,
         compress_size, scale)
 
 
@@ -73,12 +84,12 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, tree:
                   compress_size: int, select_size: int, group_size: int, top_k: int,
                   sigma: torch.Tensor | None, scale: float,
                   exclude_ball_size: int | None) -> torch.Tensor:
-    cloud_lo, cloud_hi = _cloud_ranges(tree)
+    cloud_lo, cloud_hi, unit = _cloud_ranges(tree)
     exclude = 0 if exclude_ball_size is None else max(exclude_ball_size, group_size)
     with torch.no_grad():
         return select_blocks_op(
             q.detach().contiguous(), k_cmp.detach().contiguous(), lse.detach().contiguous(),
             _pos(tree), tree.centers(compress_size).to(torch.float32).contiguous(), _mask(tree),
             _block_real(tree, compress_size), _block_real(tree, select_size), cloud_lo, cloud_hi,
-            None if sigma is None else sigma.detach().contiguous(), tree.ball_size,
-            compress_size, select_size, group_size, top_k, exclude, scale)
+            None if sigma is None else sigma.detach().contiguous(), unit, compress_size,
+            select_size, group_size, top_k, exclude, scale)

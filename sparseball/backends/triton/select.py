@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import LOG2E, _distance, _dot, block_d, dot_modes, new_tensor
+from ._common import LOG2E, _distance, _dot, block_d, dot_modes, launch_config, new_tensor
 
 _ID_BITS = tl.constexpr(2147483647)  # 2^31 - 1: block ids fill the low 31 bits
 _NOT_CANDIDATE = tl.constexpr(-4611686018427387904)  # -2^62: below every candidate and placeholder
@@ -109,14 +109,17 @@ def select_blocks_op(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, po
     out = new_tensor((M // group_size, H, top_k), torch.int32, q.device)
     qrows = min(group_size, 64)
     per_block = select_size // compress_size
+    # BLOCK_N compressed keys per chunk: whole selection blocks (a multiple of per_block).
+    cfg = launch_config("select_blocks", dict(block_n=max(64, per_block), warps=8,
+                                              stages=1 if q.dtype == torch.float32 else 2))
     wrap_triton(_select_blocks_fwd_kernel)[(M // group_size, H)](
         q, k_cmp, lse, pos, centers, mask, cblock_real, sblock_real, cloud_lo, cloud_hi,
         q if sigma is None else sigma, out,
         H, unit, exclude, scale,
         D=D, DIM=pos.shape[1], CS=compress_size, SS=select_size, GS=group_size,
         TOPK=top_k, KP=max(16, triton.next_power_of_2(top_k)), QROWS=qrows,
-        BLOCK_M=max(qrows, 16), BLOCK_N=max(64, per_block), BLOCK_D=block_d(D),
+        BLOCK_M=max(qrows, 16), BLOCK_N=max(cfg["block_n"], per_block), BLOCK_D=block_d(D),
         HAS_SIGMA=sigma is not None, **dot_modes(q.dtype),
-        num_warps=8, num_stages=1 if q.dtype == torch.float32 else 2,
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     return out

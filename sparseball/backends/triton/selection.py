@@ -27,6 +27,7 @@ from ._common import (
     block_d,
     dot_modes,
     exact_delta_wanted,
+    launch_config,
     new_tensor,
 )
 
@@ -254,9 +255,9 @@ def _config(select_size: int, group_size: int, head_dim: int, dtype: torch.dtype
     key_rows = min(select_size, 64)
     stages = 1 if dtype == torch.float32 else 2
     wide = head_dim > 64
-    return dict(rows=rows, block_m=max(rows, 16), key_rows=key_rows, block_n=max(key_rows, 16),
-                fwd=(8 if wide else 4, stages), dq=(8 if wide else 4, stages),
-                dkv=(8, stages if wide else 1))
+    return launch_config("selection", dict(
+        rows=rows, block_m=max(rows, 16), key_rows=key_rows, block_n=max(key_rows, 16),
+        fwd=(8 if wide else 4, stages), dq=(8 if wide else 4, stages), dkv=(8, stages if wide else 1)))
 
 
 def invert_selection(indices: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:

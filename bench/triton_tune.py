@@ -1,0 +1,141 @@
+"""Sweep the Triton kernels' launch configurations on the GPU and report the time of each.
+
+Each op's config function (sparseball/backends/triton/*.py) passes its choice through
+`_common.launch_config`; this script puts each candidate in `_common.CONFIG_OVERRIDES`, checks
+that the outputs and gradients match the default configuration's, and times forward and
+forward+backward (H=8, D=64, bfloat16, sigma on; 1M points, compressed ops at 256k since they
+are quadratic in the cloud). The winners go back into the config functions by hand, with the
+numbers that chose them.
+
+    PYTHONPATH=. python3 bench/triton_tune.py --out out/ [--only ball_fwd selection ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from triton_ops import inputs, make_tree, ms, random_selection  # noqa: E402
+
+from sparseball.backends.triton import _common, ops  # noqa: E402
+
+HEADS, HEAD_DIM, BALL = 8, 64, 128
+
+# name -> candidate overrides; the first is the code's default (empty override).
+CANDIDATES = {
+    "ball_fwd": [{}] + [dict(block_m=m, block_n=n, warps=w, stages=s) for m, n, w, s in (
+        (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3),
+        (128, 128, 8, 1), (64, 128, 8, 2), (64, 64, 4, 1))],
+    "ball_bwd": [{}] + [dict(one_pass=o, rows=r, block_n=n, warps=w, stages=s) for o, r, n, w, s in (
+        (True, 128, 64, 8, 1), (True, 128, 64, 8, 2), (True, 128, 32, 4, 1), (True, 128, 128, 8, 1),
+        (True, 128, 32, 8, 2), (False, 64, 0, 8, 1), (False, 64, 0, 4, 2), (False, 128, 0, 8, 1),
+        (False, 32, 0, 4, 2))],
+    "selection": [{}] + [
+        dict(fwd=(4, 3), dq=(4, 3), dkv=(8, 2)),
+        dict(fwd=(8, 2), dq=(8, 2), dkv=(4, 1)),
+        dict(fwd=(4, 1), dq=(4, 1), dkv=(4, 2)),
+        dict(key_rows=32, block_n=32, fwd=(4, 2), dq=(4, 2), dkv=(4, 1)),
+        dict(key_rows=32, block_n=32, fwd=(4, 3), dq=(4, 3), dkv=(4, 2)),
+        dict(fwd=(8, 3), dq=(8, 3), dkv=(8, 3))],
+    "compressed": [{}] + [dict(block_m=m, block_n=n, fwd=f, dq=q, dkv=k) for m, n, f, q, k in (
+        (64, 64, (4, 2), (4, 2), (4, 2)), (128, 64, (8, 2), (8, 2), (8, 2)),
+        (128, 128, (8, 2), (8, 1), (8, 1)), (64, 128, (4, 2), (4, 1), (8, 1)),
+        (128, 64, (8, 3), (8, 3), (8, 3)), (64, 64, (4, 3), (4, 3), (4, 3)),
+        (128, 32, (4, 2), (4, 2), (4, 2)))],
+    "select_blocks": [{}] + [dict(block_n=n, warps=w, stages=s) for n, w, s in (
+        (64, 4, 2), (128, 8, 2), (128, 4, 2), (64, 8, 3), (32, 4, 2), (64, 4, 3))],
+}
+
+
+def problem(points: int, generator):
+    tree, _ = make_tree([points], torch.device("cuda"), generator)
+    q, k, v, sigma = inputs(tree, HEADS, HEAD_DIM, torch.bfloat16, generator, grad=True)
+    return tree, q, k, v, sigma
+
+
+def case(name: str, generator):
+    """(forward function returning a tensor, the leaves it differentiates) for one sweep."""
+    scale = HEAD_DIM**-0.5
+    if name.startswith("ball"):
+        tree, q, k, v, sigma = problem(1 << 20, generator)
+        return (lambda: ops.ball_attention(q, k, v, tree, BALL, sigma, scale)), (q, k, v, sigma)
+    if name == "selection":
+        tree, q, k, v, sigma = problem(1 << 20, generator)
+        indices = random_selection(tree, HEADS, 16, 64, 64, generator)
+        return (lambda: ops.selection_attention(q, k, v, tree, indices, 64, 64, sigma, scale),
+                (q, k, v, sigma))
+    tree, q, k, v, sigma = problem(1 << 18, generator)
+    k_cmp = ops.compress(k.detach(), tree, 64).requires_grad_()
+    v_cmp = ops.compress(v.detach(), tree, 64).requires_grad_()
+    if name == "compressed":
+        return (lambda: ops.compressed_attention(q, k_cmp, v_cmp, tree, 64, sigma, scale)[0],
+                (q, k_cmp, v_cmp, sigma))
+    with torch.no_grad():
+        _, lse = ops.compressed_attention(q, k_cmp, v_cmp, tree, 64, sigma, scale)
+    return (lambda: ops.select_blocks(q, k_cmp, lse, tree, 64, 64, 64, 16, sigma, scale, None),
+            ())
+
+
+def sweep(name: str, generator) -> list[dict]:
+    fwd, leaves = case(name, generator)
+    grad_out = None
+    rows, reference = [], None
+    for override in CANDIDATES[name]:
+        _common.CONFIG_OVERRIDES[name] = override
+        row = {"override": {k: list(v) if isinstance(v, tuple) else v for k, v in override.items()}}
+        try:
+            with torch.no_grad():
+                out = fwd()
+            if grad_out is None and leaves:
+                grad_out = torch.randn_like(out)
+            result = [out] + (list(torch.autograd.grad(fwd(), leaves, grad_out)) if leaves else [])
+            if reference is None:
+                reference = result
+            if name == "select_blocks":
+                # Near-ties may order differently; count the differing picks instead.
+                row["differs"] = float((result[0] != reference[0]).float().mean())
+            else:
+                row["max_rel_diff"] = max(
+                    float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+                    for a, b in zip(result, reference, strict=True))
+            with torch.no_grad():
+                row["fwd_ms"] = ms(fwd, rep=100)
+            if leaves:
+                row["fwd_bwd_ms"] = ms(lambda g=grad_out: torch.autograd.grad(fwd(), leaves, g), rep=100)
+                row["bwd_ms"] = row["fwd_bwd_ms"] - row["fwd_ms"]
+        except Exception as error:  # a config that does not compile (shared memory) or fails
+            row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+        print(name, row, flush=True)
+        rows.append(row)
+        torch.cuda.empty_cache()
+    _common.CONFIG_OVERRIDES.pop(name, None)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out"))
+    parser.add_argument("--only", nargs="*", default=None, help=", ".join(CANDIDATES))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/triton_tune.py needs a CUDA device")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    record = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "triton": triton.__version__, "sweeps": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in CANDIDATES:
+        if args.only and name not in args.only:
+            continue
+        record["sweeps"][name] = sweep(name, generator)
+        (args.out / "triton_tune.json").write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
