@@ -30,7 +30,9 @@ step() {  # step NAME SECONDS COMMAND...: run one part within a time limit, log 
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
-step tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider tests
+# TESTS_ARGS: more pytest arguments (no spaces inside one), e.g. --deselect=tests/x.py::test_y
+# shellcheck disable=SC2086
+step tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} tests
 step demo "${DEMO_LIMIT:-120}" python3 -m sparseball demo
 step torch "${TORCH_LIMIT:-240}" python3 bench/torch_backend.py --out "$RESULTS"
 step tune "${TUNE_LIMIT:-330}" python3 bench/triton_tune.py --out "$RESULTS"

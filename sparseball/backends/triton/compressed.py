@@ -303,15 +303,17 @@ def _compressed_attention_bwd_dkv_kernel(
 
 
 def _attn_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tiles and (num_warps, num_stages) per kernel, picked from sm_90 register and spill
-    reports of the compiled kernels."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. Half inputs at D <= 64: the best
+    of bench/triton_tune.py's sweep on an H100 (2026-11-23, 256k points, compress 64: forward
+    45 -> 13 ms, backward 147 -> 58 ms against the earlier (64, 64, 8 warps)); D = 128 and
+    float32 from sm_90 register and spill reports of the compiled kernels."""
     if dtype == torch.float32:
-        same = (4, 1)
-        config = dict(block_m=64, block_n=32 if head_dim > 64 else 64, fwd=same, dq=same, dkv=same)
+        same = (64, 32 if head_dim > 64 else 64, 4, 1)
+        config = dict(fwd=same, dq=same, dkv=same)
+    elif head_dim > 64:
+        config = dict(fwd=(64, 64, 8, 2), dq=(64, 64, 4, 1), dkv=(64, 64, 8, 2))
     else:
-        wide = head_dim > 64
-        config = dict(block_m=64, block_n=64, fwd=(8, 2), dq=(4, 1) if wide else (8, 1),
-                      dkv=(8, 2) if wide else (8, 1))
+        config = dict(fwd=(64, 128, 4, 2), dq=(64, 64, 4, 2), dkv=(64, 64, 4, 2))
     return launch_config("compressed", config)
 
 
@@ -324,9 +326,7 @@ def compressed_attention_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.T
     M, H, D = q.shape
     out = new_tensor((M, H, D), q.dtype, q.device)
     lse = new_tensor((M, H), torch.float32, q.device)
-    cfg = _attn_config(D, q.dtype)
-    block_m, block_n = cfg["block_m"], cfg["block_n"]
-    warps, stages = cfg["fwd"]
+    block_m, block_n, warps, stages = _attn_config(D, q.dtype)["fwd"]
     wrap_triton(_compressed_attention_fwd_kernel)[(triton.cdiv(M, block_m), H)](
         q, k_cmp, v_cmp, pos, centers, block_real, cloud_lo, cloud_hi,
         q if sigma is None else sigma, out, lse,
@@ -354,20 +354,21 @@ def compressed_attention_bwd_op(
     dk = new_tensor((Mc, H, D), q.dtype, q.device)
     dv = new_tensor((Mc, H, D), q.dtype, q.device)
     cfg = _attn_config(D, q.dtype)
-    block_m, block_n = cfg["block_m"], cfg["block_n"]
-    grid_q = (triton.cdiv(M, block_m), H)
+    dq_m, dq_n, dq_warps, dq_stages = cfg["dq"]
+    kv_m, kv_n, kv_warps, kv_stages = cfg["dkv"]
+    grid_q = (triton.cdiv(M, dq_m), H)
     partial = new_tensor((H, grid_q[0]), torch.float32, q.device)
     sig = q if sigma is None else sigma
-    common = dict(D=D, DIM=pos.shape[1], CS=compress_size, BLOCK_M=block_m, BLOCK_N=block_n,
+    common = dict(D=D, DIM=pos.shape[1], CS=compress_size,
                   BLOCK_D=block_d(D), HAS_SIGMA=sigma is not None, **dot_modes(q.dtype))
     wrap_triton(_compressed_attention_bwd_dq_kernel)[grid_q](
         q, k_cmp, v_cmp, dout, lse, delta, pos, centers, block_real, cloud_lo, cloud_hi, sig,
-        dq, partial, M, H, unit, scale, SINGLE_CLOUD=unit % block_m == 0, EXACT_DELTA=exact_delta,
-        num_warps=cfg["dq"][0], num_stages=cfg["dq"][1], **common)
-    wrap_triton(_compressed_attention_bwd_dkv_kernel)[(triton.cdiv(Mc, block_n), H)](
+        dq, partial, M, H, unit, scale, SINGLE_CLOUD=unit % dq_m == 0, EXACT_DELTA=exact_delta,
+        BLOCK_M=dq_m, BLOCK_N=dq_n, num_warps=dq_warps, num_stages=dq_stages, **common)
+    wrap_triton(_compressed_attention_bwd_dkv_kernel)[(triton.cdiv(Mc, kv_n), H)](
         q, k_cmp, v_cmp, dout, lse, delta, pos, centers, block_real, cloud_lo, cloud_hi, sig,
-        dk, dv, Mc, H, unit, scale, SINGLE_CLOUD=(unit // compress_size) % block_n == 0,
-        num_warps=cfg["dkv"][0], num_stages=cfg["dkv"][1], **common)
+        dk, dv, Mc, H, unit, scale, SINGLE_CLOUD=(unit // compress_size) % kv_n == 0,
+        BLOCK_M=kv_m, BLOCK_N=kv_n, num_warps=kv_warps, num_stages=kv_stages, **common)
     dsigma = q.new_zeros((0,)) if sigma is None else partial.sum(1).to(sigma.dtype)
     return dq, dk, dv, dsigma
 

