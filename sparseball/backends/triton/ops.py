@@ -24,7 +24,7 @@ def _pos(tree: BallTree) -> torch.Tensor:
 
 
 def _mask(tree: BallTree) -> torch.Tensor:
-    return tree.mask.contiguous().view(torch.uint8)
+    return tree.mask.to(torch.uint8)  # a copy of M bytes: inductor cannot lower view(dtype) of bool
 
 
 def _sigma(sigma: torch.Tensor | None) -> torch.Tensor | None:
@@ -46,7 +46,7 @@ def _cloud_ranges(tree: BallTree) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def _block_real(tree: BallTree, block_size: int) -> torch.Tensor:
-    return tree.mask.view(-1, block_size).any(1).view(torch.uint8)
+    return tree.mask.view(-1, block_size).any(1).to(torch.uint8)
 
 
 def compress(x: torch.Tensor, tree: BallTree, compress_size: int) -> torch.Tensor:
