@@ -50,6 +50,7 @@ def _ball_attention_fwd_kernel(
     HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
     pid = tl.program_id(0)
     h = tl.program_id(1)
     row0 = pid.to(tl.int64) * BLOCK_M
@@ -117,6 +118,7 @@ def _ball_attention_bwd_kernel(
     """DELTA_MODE: how delta_i = sum_j P_ij dP_ij is formed. 0: as dO_i . O_i (O as stored:
     exact for float32, off by the output's rounding for half); 1: from P and dP in the key
     loop (one key chunk only); 2: from P and dP in a first pass over the key chunks."""
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
     pid = tl.program_id(0)
     h = tl.program_id(1)
     row0 = pid.to(tl.int64) * TILE
@@ -194,6 +196,7 @@ def _ball_attention_bwd_delta_kernel(
 ):
     """delta_i = sum_j P_ij dP_ij from recomputed P and dP, for the two-pass backward of half
     inputs (dO_i . O_i would carry the rounding of the stored output)."""
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
     pid = tl.program_id(0)
     h = tl.program_id(1)
     row0 = pid.to(tl.int64) * CHUNK
@@ -238,6 +241,7 @@ def _ball_attention_bwd_two_pass_kernel(
     HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
     pid = tl.program_id(0)
     h = tl.program_id(1)
     row0 = pid.to(tl.int64) * CHUNK

@@ -117,6 +117,7 @@ def _compressed_attention_fwd_kernel(
     HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
     pid = tl.program_id(0)
     h = tl.program_id(1)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -185,6 +186,7 @@ def _compressed_attention_bwd_dq_kernel(
 ):
     """EXACT_DELTA: form delta_i = sum_j P_ij dP_ij in a first pass over the keys and store it
     for the dk/dv kernel; otherwise DELTA holds dO_i . O_i already."""
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
     pid = tl.program_id(0)
     h = tl.program_id(1)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -253,6 +255,7 @@ def _compressed_attention_bwd_dkv_kernel(
     HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
     pid = tl.program_id(0)
     h = tl.program_id(1)
     keys = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)

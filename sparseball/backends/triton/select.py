@@ -32,6 +32,7 @@ def _select_blocks_fwd_kernel(
     HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
     g = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     R: tl.constexpr = SS // CS  # compressed blocks per selection block

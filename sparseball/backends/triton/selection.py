@@ -59,6 +59,7 @@ def _selection_attention_fwd_kernel(
     HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
     pid = tl.program_id(0)
     h = tl.program_id(1)
     row0 = pid.to(tl.int64) * ROWS
@@ -115,6 +116,7 @@ def _selection_attention_bwd_dq_kernel(
 ):
     """EXACT_DELTA: form delta_i = sum_j P_ij dP_ij in a first pass over the selected blocks and
     store it for the dk/dv kernel; otherwise DELTA holds dO_i . O_i already."""
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
     pid = tl.program_id(0)
     h = tl.program_id(1)
     row0 = pid.to(tl.int64) * ROWS
@@ -198,6 +200,7 @@ def _selection_attention_bwd_dkv_kernel(
     HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
     pid = tl.program_id(0)
     h = tl.program_id(1)
     key0 = pid.to(tl.int64) * KROWS
