@@ -371,6 +371,35 @@ def test_one_dot_mode(monkeypatch):
     check_selection(problem, 8, 8, 3, seed=5, magnitude_factor=2.0**14)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+def test_backward_keeps_the_output_only_when_it_reads_it(dtype):
+    """Half inputs take the exact-delta backward, which never reads the forward's output, so
+    the ops must not keep it alive until the backward (M x H x D each: 3 GiB of the mixture
+    at 1M points); float32 forms delta from the output and must keep it."""
+    problem = fixed_problem([40, 70], 16, dtype, heads=2, head_dim=16, seed=4)
+    tree, scale = problem.tree, problem.scale
+    q, k, v = leaves(problem.slots(), problem.slots(), problem.slots())
+    k_cmp, v_cmp = leaves(problem.randn(tree.num_slots // 4, 2, 16),
+                          problem.randn(tree.num_slots // 4, 2, 16))
+    indices = random_indices(problem, 8, 8, 3, np.random.default_rng(4))
+    runs = {
+        "ball": lambda: ops.ball_attention(q, k, v, tree, 16, None, scale, backend="triton"),
+        "compressed": lambda: ops.compressed_attention(q, k_cmp, v_cmp, tree, 4, None, scale,
+                                                       backend="triton")[0],
+        "selection": lambda: ops.selection_attention(q, k, v, tree, indices, 8, 8, None, scale,
+                                                     backend="triton"),
+    }
+    for name, run in runs.items():
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = run()
+        kept = any(t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+                   for t in saved)
+        assert kept == (dtype == torch.float32), name
+        out.backward(problem.randn(*out.shape))  # and the backward still runs
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v)), name
+
+
 def test_attention_mixture_matches_torch_backend():
     """`sparseball.attention` (every op, through the public API) agrees with the torch
     backend, output and gradients."""

@@ -64,6 +64,14 @@ def exact_delta_wanted(dtype: torch.dtype) -> bool:
     return dtype != torch.float32 and SPLIT_HALF_PRODUCTS
 
 
+def output_for_backward(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """What an attention op keeps of its output for the backward: the output when the backward
+    forms delta as dO . O, else None (the backward then forms the exact delta, see
+    `exact_delta_wanted`). Not keeping it frees M x H x D per op between forward and backward:
+    3 GiB for the mixture at 1M points, H=8, D=64, bfloat16."""
+    return None if exact_delta_wanted(dtype) else out
+
+
 def dot_modes(dtype: torch.dtype) -> dict[str, bool]:
     """The constexprs FP32 / UPCAST / SPLIT of `_dot` and `_dot_split` for inputs of `dtype`.
 

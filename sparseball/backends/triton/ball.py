@@ -32,9 +32,9 @@ from ._common import (
     attention_bwd_delta,
     block_d,
     dot_modes,
-    exact_delta_wanted,
     launch_config,
     new_tensor,
+    output_for_backward,
 )
 
 # Largest tile (rows) whose backward is done in one pass; larger balls take the two-pass kernel.
@@ -369,7 +369,7 @@ def ball_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
 
 @triton_op("sparseball_triton::ball_attention_bwd", mutates_args=())
 def ball_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          out: torch.Tensor, lse: torch.Tensor, pos: torch.Tensor,
+                          out: torch.Tensor | None, lse: torch.Tensor, pos: torch.Tensor,
                           mask: torch.Tensor, sigma: torch.Tensor | None, ball_size: int,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                  torch.Tensor]:
@@ -383,15 +383,15 @@ def ball_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     grid = (triton.cdiv(M, rows), H)
     partial = new_tensor((H, grid[0]), torch.float32, q.device)
     modes = dot_modes(q.dtype)
-    exact_delta = exact_delta_wanted(q.dtype)
+    exact_delta = out is None  # the forward kept no output: form the exact delta
     sig = q if sigma is None else sigma
     common = dict(D=D, DIM=pos.shape[1], BALL=ball_size, BLOCK_D=block_d(D),
                   HAS_SIGMA=sigma is not None, num_warps=warps, num_stages=stages, **modes)
     if one_pass:
         delta_mode = 0 if not exact_delta else (1 if block_n == rows else 2)
         wrap_triton(_ball_attention_bwd_kernel)[grid](
-            q, k, v, out, dout, lse, pos, mask, sig, dq, dk, dv, partial, M, H, scale,
-            TILE=rows, BLOCK_N=block_n, DELTA_MODE=delta_mode, **common)
+            q, k, v, dout if out is None else out, dout, lse, pos, mask, sig, dq, dk, dv, partial,
+            M, H, scale, TILE=rows, BLOCK_N=block_n, DELTA_MODE=delta_mode, **common)
     else:
         span = max(rows, ball_size)
         if exact_delta:
@@ -414,7 +414,7 @@ def ball_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 def _ball_setup_context(ctx, inputs, output):
     q, k, v, pos, mask, sigma, ball_size, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, pos, mask, sigma)
+    ctx.save_for_backward(q, k, v, output_for_backward(out, q.dtype), lse, pos, mask, sigma)
     ctx.ball_size = ball_size
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)

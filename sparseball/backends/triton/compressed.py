@@ -26,9 +26,9 @@ from ._common import (
     attention_bwd_delta,
     block_d,
     dot_modes,
-    exact_delta_wanted,
     launch_config,
     new_tensor,
+    output_for_backward,
 )
 
 
@@ -344,13 +344,13 @@ def compressed_attention_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.T
 @triton_op("sparseball_triton::compressed_attention_bwd", mutates_args=())
 def compressed_attention_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, pos: torch.Tensor, centers: torch.Tensor,
+    out: torch.Tensor | None, lse: torch.Tensor, pos: torch.Tensor, centers: torch.Tensor,
     block_real: torch.Tensor, cloud_lo: torch.Tensor, cloud_hi: torch.Tensor,
     sigma: torch.Tensor | None, unit: int, compress_size: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     M, H, D = q.shape
     Mc = k_cmp.shape[0]
-    exact_delta = exact_delta_wanted(q.dtype)
+    exact_delta = out is None  # the forward kept no output: form the exact delta
     # Exact: the dq kernel forms delta and stores it here for the dk/dv kernel.
     delta = new_tensor((M, H), torch.float32, q.device) if exact_delta else attention_bwd_delta(out, dout)
     dq = new_tensor((M, H, D), q.dtype, q.device)
@@ -379,8 +379,8 @@ def compressed_attention_bwd_op(
 def _compressed_setup_context(ctx, inputs, output):
     q, k_cmp, v_cmp, pos, centers, block_real, cloud_lo, cloud_hi, sigma, unit, cs, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k_cmp, v_cmp, out, lse, pos, centers, block_real, cloud_lo,
-                          cloud_hi, sigma)
+    ctx.save_for_backward(q, k_cmp, v_cmp, output_for_backward(out, q.dtype), lse, pos, centers,
+                          block_real, cloud_lo, cloud_hi, sigma)
     ctx.sizes = (unit, cs, scale)
     ctx.mark_non_differentiable(lse)
 

@@ -26,9 +26,9 @@ from ._common import (
     attention_bwd_delta,
     block_d,
     dot_modes,
-    exact_delta_wanted,
     launch_config,
     new_tensor,
+    output_for_backward,
 )
 
 
@@ -302,12 +302,12 @@ def selection_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
 
 @triton_op("sparseball_triton::selection_attention_bwd", mutates_args=())
 def selection_attention_bwd_op(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor,
-    sigma: torch.Tensor | None, select_size: int, group_size: int, scale: float,
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor | None, lse: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+    indices: torch.Tensor, sigma: torch.Tensor | None, select_size: int, group_size: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     M, H, D = q.shape
-    exact_delta = exact_delta_wanted(q.dtype)
+    exact_delta = out is None  # the forward kept no output: form the exact delta
     # Exact: the dq kernel forms delta and stores it here for the dk/dv kernel.
     delta = new_tensor((M, H), torch.float32, q.device) if exact_delta else attention_bwd_delta(out, dout)
     dq = new_tensor((M, H, D), q.dtype, q.device)
@@ -337,7 +337,8 @@ def selection_attention_bwd_op(
 def _selection_setup_context(ctx, inputs, output):
     q, k, v, pos, mask, indices, sigma, select_size, group_size, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, pos, mask, indices, sigma)
+    ctx.save_for_backward(q, k, v, output_for_backward(out, q.dtype), lse, pos, mask, indices,
+                          sigma)
     ctx.sizes = (select_size, group_size, scale)
     ctx.mark_non_differentiable(lse)
 
