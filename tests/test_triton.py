@@ -391,7 +391,8 @@ def test_backward_keeps_the_output_only_when_it_reads_it(dtype):
     }
     for name, run in runs.items():
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t,
+                                                      lambda t: t):
             out = run()
         kept = any(t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
                    for t in saved)

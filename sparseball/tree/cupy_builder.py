@@ -59,6 +59,12 @@ ITEMS = 8
 # Dynamic shared memory that sb_subtree may use (it adds ~2 KiB of static buffers; 48 KiB is
 # what a kernel gets without opting in).
 SMEM_BUDGET = 40 * 1024
+# sb_subtree runs one block per small node, each building all of its node's levels alone: a
+# few large small-nodes leave the GPU idle (16 clouds of 4096 points made 32 blocks of 2048
+# items, about 2 ms). The cap on small nodes is lowered, down to MIN_NODE_CAP, until there are
+# BLOCKS_PER_SM blocks per multiprocessor; the levels above run as grid-wide launches.
+BLOCKS_PER_SM = 2
+MIN_NODE_CAP = 128
 
 
 def cuda_sources() -> dict[str, str]:
@@ -148,6 +154,9 @@ class NumpyOps:
     def block_cap(self, dim: int) -> int:
         return 1
 
+    def node_cap(self, dim: int, n_items: int) -> int:
+        return 1
+
     def level(self, coords, ids, out, table, work) -> None:
         """One large-node level: ids `(D, n)` -> out `(D, n)`, table `(4, K)`."""
         lo, n, n_left, before = table
@@ -213,9 +222,11 @@ class _KernelOps:
     """Drives the kernels of balltree.cu. `module` is a cupy.RawModule (xp=cupy) or the CPU
     emulator's module (xp=numpy); both take `kernel(grid, block, args, shared_mem=...)`."""
 
-    def __init__(self, xp, module, block: int = BLOCK, items: int = ITEMS, smem_budget: int = SMEM_BUDGET):
+    def __init__(self, xp, module, block: int = BLOCK, items: int = ITEMS, smem_budget: int = SMEM_BUDGET,
+                 multiprocessors: int = 0):
         self.xp = xp
         self.module = module
+        self.multiprocessors = multiprocessors  # 0: do not lower the cap for parallelism
         self.block = block
         self.tile = block * items
         self.smem_budget = smem_budget
@@ -233,6 +244,14 @@ class _KernelOps:
         while cap >= 2 and subtree_smem_bytes(cap, dim) > self.smem_budget:
             cap //= 2
         return cap if cap >= 2 else 1
+
+    def node_cap(self, dim: int, n_items: int) -> int:
+        """The small-node cap of one build of `n_items`: `block_cap`, halved (not below
+        MIN_NODE_CAP) until the small nodes give BLOCKS_PER_SM blocks per multiprocessor."""
+        cap = self.block_cap(dim)
+        while cap > MIN_NODE_CAP and n_items // cap < BLOCKS_PER_SM * self.multiprocessors:
+            cap //= 2
+        return cap
 
     def level(self, coords, ids, out, table, work) -> None:
         dim, n_items = ids.shape
@@ -303,7 +322,8 @@ def _cupy_ops() -> _KernelOps:
             code=KERNEL_FILE.read_text(),
             options=(f"-DSB_BLOCK={BLOCK}", f"-DSB_ITEMS={ITEMS}"),
         )
-        _CUPY_OPS[device] = _KernelOps(cupy, module)
+        sms = cupy.cuda.Device(device).attributes["MultiProcessorCount"]
+        _CUPY_OPS[device] = _KernelOps(cupy, module, multiprocessors=sms)
     return _CUPY_OPS[device]
 
 
@@ -348,7 +368,7 @@ def _build_levels(xp, ops, coords, ids, counts, starts, slot_starts, ball_size, 
     slot_starts host int64 `(B,)`.
     """
     dim, n_items = ids.shape
-    cap = ops.block_cap(dim)
+    cap = ops.node_cap(dim, n_items)
     levels, small = plan_tree(counts, starts, slot_starts, ball_size, cap)
     # All tables in one host-to-device copy.
     flat = np.concatenate([t.ravel() for t in levels] + [small.ravel()])
