@@ -158,6 +158,21 @@ def _distance(pos_a, rows, rows_ok, pos_b, cols, cols_ok, DIM: tl.constexpr):
 
 
 @triton.jit
+def _logits(a, b, qk_scale, sig2, POS_A, rows, rows_ok, POS_B, cols, cols_ok, DIM: tl.constexpr,
+            HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Attention logits `[rows, cols]` in the log2 domain: `a @ b^T * qk_scale` (the scale times
+    log2 e) plus `sig2` (sigma times log2 e) times the distances from POS_A[rows] to
+    POS_B[cols] when sigma is on; and those distances (0.0 without sigma), for the sigma
+    gradient. Every forward and backward kernel forms its logits here."""
+    s = _dot(a, tl.trans(b), FP32_DOT, UPCAST_DOT) * qk_scale
+    dist = 0.0
+    if HAS_SIGMA:
+        dist = _distance(POS_A, rows, rows_ok, POS_B, cols, cols_ok, DIM)
+        s += sig2 * dist
+    return s, dist
+
+
+@triton.jit
 def _attention_bwd_delta_kernel(O, DO, DELTA, M, H, D: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_D: tl.constexpr):
     """delta[i, h] = sum_d o[i, h, d] * do[i, h, d] in float32, the softmax backward's

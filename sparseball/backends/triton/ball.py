@@ -24,9 +24,9 @@ from torch.library import triton_op, wrap_triton
 
 from ._common import (
     LOG2E,
-    _distance,
     _dot,
     _dot_split,
+    _logits,
     _online_softmax_finish,
     _online_softmax_step,
     attention_bwd_delta,
@@ -63,6 +63,7 @@ def _ball_attention_fwd_kernel(
                 mask=rows_ok[:, None] & dims_ok[None, :], other=0.0)
     # Logits live in the log2 domain so the softmax uses exp2.
     qk_scale = scale * LOG2E
+    sig = 0.0
     if HAS_SIGMA:
         sig = tl.load(SIGMA + h).to(tl.float32) * LOG2E
     # KEY_SPAN = max(BLOCK_M, BALL): the aligned span holding every ball of the tile.
@@ -78,9 +79,8 @@ def _ball_attention_fwd_kernel(
         kv_ok = keys_ok[:, None] & dims_ok[None, :]
         k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
         v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
-        s = _dot(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
-        if HAS_SIGMA:
-            s += sig * _distance(POS, rows, rows_ok, POS, keys, keys_ok, DIM)
+        s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
+                       FP32_DOT, UPCAST_DOT)
         allowed = real[None, :] & ((rows[:, None] // BALL) == (keys[None, :] // BALL))
         s = tl.where(allowed, s, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
@@ -96,11 +96,8 @@ def _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig, qk_sca
                 FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Probabilities [rows, keys] recomputed from the saved lse (log2 domain, `lse2`), and the
     distances when sigma is on (else 0)."""
-    s = _dot(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
-    dist = 0.0
-    if HAS_SIGMA:
-        dist = _distance(POS, rows, rows_ok, POS, keys, keys_ok, DIM)
-        s += (sig * LOG2E) * dist
+    s, dist = _logits(q, k, qk_scale, sig * LOG2E, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
+                      FP32_DOT, UPCAST_DOT)
     allowed = real[None, :] & ((rows[:, None] // BALL) == (keys[None, :] // BALL))
     p = tl.exp2(tl.where(allowed, s, float("-inf")) - lse2[:, None])
     return p, dist
@@ -276,9 +273,8 @@ def _ball_attention_bwd_two_pass_kernel(
         lse = tl.load(LSE + qrows * H + h, mask=qrows_ok, other=0.0)
         lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
         # Transposed logits [keys, queries]: the accumulators are per key.
-        st = _dot(k, tl.trans(q), FP32_DOT, UPCAST_DOT) * qk_scale
-        if HAS_SIGMA:
-            st += (sig * LOG2E) * _distance(POS, own, own_ok, POS, qrows, qrows_ok, DIM)
+        st, _ = _logits(k, q, qk_scale, sig * LOG2E, POS, own, own_ok, POS, qrows, qrows_ok, DIM, HAS_SIGMA,
+                        FP32_DOT, UPCAST_DOT)
         allowed = real[:, None] & ((own[:, None] // BALL) == (qrows[None, :] // BALL))
         pt = tl.exp2(tl.where(allowed, st, float("-inf")) - lse2[None, :])
         dv += _dot_split(pt, do, FP32_DOT, UPCAST_DOT, SPLIT_DOT)

@@ -18,9 +18,9 @@ from torch.library import triton_op, wrap_triton
 
 from ._common import (
     LOG2E,
-    _distance,
     _dot,
     _dot_split,
+    _logits,
     _online_softmax_finish,
     _online_softmax_step,
     attention_bwd_delta,
@@ -130,6 +130,7 @@ def _compressed_attention_fwd_kernel(
     q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
     lo, hi, tile_lo, tile_hi = _row_key_range(CLOUD_LO, CLOUD_HI, rows, rows_ok, UNIT, CS)
     qk_scale = scale * LOG2E
+    sig = 0.0
     if HAS_SIGMA:
         sig = tl.load(SIGMA + h).to(tl.float32) * LOG2E
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -143,9 +144,8 @@ def _compressed_attention_fwd_kernel(
         kv_ok = keys_ok[:, None] & dims_ok[None, :]
         k = tl.load(KC + kv_offs, mask=kv_ok, other=0.0)
         v = tl.load(VC + kv_offs, mask=kv_ok, other=0.0)
-        s = _dot(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
-        if HAS_SIGMA:
-            s += sig * _distance(POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM)
+        s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM, HAS_SIGMA,
+                       FP32_DOT, UPCAST_DOT)
         allowed = real[None, :]
         if not SINGLE_CLOUD:
             allowed = allowed & (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
@@ -162,11 +162,8 @@ def _compressed_probs(q, k, rows, rows_ok, keys, keys_ok, lo, hi, real, lse2, PO
                       HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Probabilities [rows, compressed keys] recomputed from the saved lse (log2 domain), and
     the distances when sigma is on (else 0)."""
-    s = _dot(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
-    dist = 0.0
-    if HAS_SIGMA:
-        dist = _distance(POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM)
-        s += (sig * LOG2E) * dist
+    s, dist = _logits(q, k, qk_scale, sig * LOG2E, POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM, HAS_SIGMA,
+                      FP32_DOT, UPCAST_DOT)
     allowed = real[None, :]
     if not SINGLE_CLOUD:
         allowed = allowed & (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
@@ -275,6 +272,7 @@ def _compressed_attention_bwd_dkv_kernel(
     tile_lo = tl.min(tl.where(keys_ok, lo, 9223372036854775807), axis=0)
     tile_hi = tl.max(tl.where(keys_ok, hi, 0), axis=0)
     qk_scale = scale * LOG2E
+    sig = 0.0
     if HAS_SIGMA:
         sig = tl.load(SIGMA + h).to(tl.float32) * LOG2E
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -290,9 +288,8 @@ def _compressed_attention_bwd_dkv_kernel(
         lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
         lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
         # Transposed logits [keys, queries]: the accumulators are per key.
-        st = _dot(k, tl.trans(q), FP32_DOT, UPCAST_DOT) * qk_scale
-        if HAS_SIGMA:
-            st += sig * _distance(CENTERS, keys, keys_ok, POS, rows, rows_ok, DIM)
+        st, _ = _logits(k, q, qk_scale, sig, CENTERS, keys, keys_ok, POS, rows, rows_ok, DIM, HAS_SIGMA,
+                        FP32_DOT, UPCAST_DOT)
         allowed = real[:, None]
         if not SINGLE_CLOUD:
             allowed = allowed & (rows[None, :] >= lo[:, None]) & (rows[None, :] < hi[:, None])

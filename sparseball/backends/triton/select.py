@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import LOG2E, _distance, _dot, block_d, dot_modes, launch_config, new_tensor
+from ._common import LOG2E, _logits, block_d, dot_modes, launch_config, new_tensor
 
 _ID_BITS = tl.constexpr(2147483647)  # 2^31 - 1: block ids fill the low 31 bits
 _NOT_CANDIDATE = tl.constexpr(-4611686018427387904)  # -2^62: below every candidate and placeholder
@@ -50,6 +50,7 @@ def _select_blocks_fwd_kernel(
     dims_ok = dims < D
     stride = H * D
     qk_scale = scale * LOG2E
+    sig = 0.0
     if HAS_SIGMA:
         sig = tl.load(SIGMA + h).to(tl.float32) * LOG2E
     lanes = tl.arange(0, KP)
@@ -72,9 +73,8 @@ def _select_blocks_fwd_kernel(
                         mask=rows_ok[:, None] & dims_ok[None, :], other=0.0)
             lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-            s = _dot(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
-            if HAS_SIGMA:
-                s += sig * _distance(POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM)
+            s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM, HAS_SIGMA,
+                           FP32_DOT, UPCAST_DOT)
             allowed = rreal[:, None] & kreal[None, :]
             p = tl.exp2(tl.where(allowed, s - lse2[:, None], float("-inf")))
             colsum += tl.sum(p, axis=0)

@@ -18,9 +18,9 @@ from torch.library import triton_op, wrap_triton
 
 from ._common import (
     LOG2E,
-    _distance,
     _dot,
     _dot_split,
+    _logits,
     _online_softmax_finish,
     _online_softmax_step,
     attention_bwd_delta,
@@ -38,11 +38,8 @@ def _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig, q
                      UPCAST_DOT: tl.constexpr):
     """Probabilities [rows, keys of one selected block] recomputed from the saved lse (log2
     domain), and the distances when sigma is on (else 0)."""
-    s = _dot(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
-    dist = 0.0
-    if HAS_SIGMA:
-        dist = _distance(POS, rows, rows_ok, POS, keys, keys_ok, DIM)
-        s += (sig * LOG2E) * dist
+    s, dist = _logits(q, k, qk_scale, sig * LOG2E, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
+                      FP32_DOT, UPCAST_DOT)
     # Rows padding the tile (small groups) have lse 0: exp2 of their logits could overflow
     # and turn the sigma partial sums into NaN, so they are masked too.
     allowed = real[None, :] & rows_ok[:, None]
@@ -74,6 +71,7 @@ def _selection_attention_fwd_kernel(
     q_ok = rows_ok[:, None] & dims_ok[None, :]
     q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
     qk_scale = scale * LOG2E
+    sig = 0.0
     if HAS_SIGMA:
         sig = tl.load(SIGMA + h).to(tl.float32) * LOG2E
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -94,9 +92,8 @@ def _selection_attention_fwd_kernel(
             kv_ok = keys_ok[:, None] & dims_ok[None, :]
             k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
             v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
-            s = _dot(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
-            if HAS_SIGMA:
-                s += sig * _distance(POS, rows, rows_ok, POS, keys, keys_ok, DIM)
+            s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
+                           FP32_DOT, UPCAST_DOT)
             s = tl.where(real[None, :], s, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
     out, lse = _online_softmax_finish(m_i, l_i, acc)
@@ -219,6 +216,7 @@ def _selection_attention_bwd_dkv_kernel(
     first = tl.load(ROW_PTR + h * NB + blk)
     last = tl.load(ROW_PTR + h * NB + blk + 1)
     qk_scale = scale * LOG2E
+    sig = 0.0
     if HAS_SIGMA:
         sig = tl.load(SIGMA + h).to(tl.float32) * LOG2E
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -238,9 +236,8 @@ def _selection_attention_bwd_dkv_kernel(
             lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
             # Transposed logits [keys, queries]: the accumulators are per key.
-            st = _dot(k, tl.trans(q), FP32_DOT, UPCAST_DOT) * qk_scale
-            if HAS_SIGMA:
-                st += sig * _distance(POS, keys, keys_ok, POS, rows, rows_ok, DIM)
+            st, _ = _logits(k, q, qk_scale, sig, POS, keys, keys_ok, POS, rows, rows_ok, DIM, HAS_SIGMA,
+                            FP32_DOT, UPCAST_DOT)
             allowed = real[:, None] & rows_ok[None, :]
             pt = tl.exp2(tl.where(allowed, st, float("-inf")) - lse2[None, :])
             dv += _dot_split(pt, do, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
