@@ -7,6 +7,9 @@
 #   bash bench/gpu.sh           # everything
 #   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, triton, tree
 # Step time limits: TESTS_LIMIT, DEMO_LIMIT, TORCH_LIMIT, TUNE_LIMIT, TRITON_LIMIT, TREE_LIMIT (seconds).
+# On an H100 (2026-11-23): tests ~240 s, triton ~200 s, tree ~120 s, tune ~280 s; the device
+# tool allows 600 s per call, so split: `bash bench/gpu.sh tests tree`, then
+# `bash bench/gpu.sh triton demo` (carry .whl for the peers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
