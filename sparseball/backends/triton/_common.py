@@ -158,6 +158,23 @@ def _distance(pos_a, rows, rows_ok, pos_b, cols, cols_ok, DIM: tl.constexpr):
 
 
 @triton.jit
+def _head_tile(rows, rows_ok, h, H, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and mask of the `[len(rows), BLOCK_D]` tile of head `h` in a `[M, H, D]`
+    tensor; the mask pads head dims to BLOCK_D."""
+    dims = tl.arange(0, BLOCK_D)
+    return rows[:, None] * (H * D) + h * D + dims[None, :], rows_ok[:, None] & (dims < D)[None, :]
+
+
+@triton.jit
+def _saved_lse2(LSE, rows, rows_ok, h, H):
+    """The forward's lse `[M, H]` of `rows` for head `h`, in the log2 domain. Rows that saw no
+    key (lse -inf) get 0: their logits are all -inf, so p = exp2(-inf - 0) = 0 where -inf
+    would give -inf - -inf = NaN."""
+    lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
+    return tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+
+
+@triton.jit
 def _logits(a, b, qk_scale, sig2, POS_A, rows, rows_ok, POS_B, cols, cols_ok, DIM: tl.constexpr,
             HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Attention logits `[rows, cols]` in the log2 domain: `a @ b^T * qk_scale` (the scale times

@@ -26,9 +26,11 @@ from ._common import (
     LOG2E,
     _dot,
     _dot_split,
+    _head_tile,
     _logits,
     _online_softmax_finish,
     _online_softmax_step,
+    _saved_lse2,
     attention_bwd_delta,
     block_d,
     dot_modes,
@@ -56,11 +58,8 @@ def _ball_attention_fwd_kernel(
     row0 = pid.to(tl.int64) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
     rows_ok = rows < M
-    dims = tl.arange(0, BLOCK_D)
-    dims_ok = dims < D
-    stride = H * D
-    q = tl.load(Q + rows[:, None] * stride + h * D + dims[None, :],
-                mask=rows_ok[:, None] & dims_ok[None, :], other=0.0)
+    q_offs, q_ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
+    q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
     # Logits live in the log2 domain so the softmax uses exp2.
     qk_scale = scale * LOG2E
     sig = 0.0
@@ -75,8 +74,7 @@ def _ball_attention_fwd_kernel(
         keys = key0 + start + tl.arange(0, BLOCK_N)
         keys_ok = keys < M
         real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-        kv_offs = keys[:, None] * stride + h * D + dims[None, :]
-        kv_ok = keys_ok[:, None] & dims_ok[None, :]
+        kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
         k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
         v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
         s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
@@ -85,8 +83,7 @@ def _ball_attention_fwd_kernel(
         s = tl.where(allowed, s, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
     out, lse = _online_softmax_finish(m_i, l_i, acc)
-    tl.store(O + rows[:, None] * stride + h * D + dims[None, :], out.to(O.dtype.element_ty),
-             mask=rows_ok[:, None] & dims_ok[None, :])
+    tl.store(O + q_offs, out.to(O.dtype.element_ty), mask=q_ok)
     tl.store(LSE + rows * H + h, lse, mask=rows_ok)
 
 
@@ -121,16 +118,10 @@ def _ball_attention_bwd_kernel(
     row0 = pid.to(tl.int64) * TILE
     rows = row0 + tl.arange(0, TILE)
     rows_ok = rows < M
-    dims = tl.arange(0, BLOCK_D)
-    dims_ok = dims < D
-    stride = H * D
-    q_offs = rows[:, None] * stride + h * D + dims[None, :]
-    q_ok = rows_ok[:, None] & dims_ok[None, :]
+    q_offs, q_ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
     q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
     do = tl.load(DO + q_offs, mask=q_ok, other=0.0)
-    lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
-    # Rows without keys (lse = -inf) get p = 0 from s = -inf; 0 avoids -inf - -inf.
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    lse2 = _saved_lse2(LSE, rows, rows_ok, h, H)
     qk_scale = scale * LOG2E
     sig = 0.0
     if HAS_SIGMA:
@@ -147,8 +138,7 @@ def _ball_attention_bwd_kernel(
             keys = row0 + start + tl.arange(0, BLOCK_N)
             keys_ok = keys < M
             real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-            kv_offs = keys[:, None] * stride + h * D + dims[None, :]
-            kv_ok = keys_ok[:, None] & dims_ok[None, :]
+            kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
             k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
             v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
             p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
@@ -160,8 +150,7 @@ def _ball_attention_bwd_kernel(
         keys = row0 + start + tl.arange(0, BLOCK_N)
         keys_ok = keys < M
         real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-        kv_offs = keys[:, None] * stride + h * D + dims[None, :]
-        kv_ok = keys_ok[:, None] & dims_ok[None, :]
+        kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
         k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
         v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
         p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
@@ -200,15 +189,10 @@ def _ball_attention_bwd_delta_kernel(
     span0 = (row0 // SPAN) * SPAN
     rows = row0 + tl.arange(0, CHUNK)
     rows_ok = rows < M
-    dims = tl.arange(0, BLOCK_D)
-    dims_ok = dims < D
-    stride = H * D
-    q_offs = rows[:, None] * stride + h * D + dims[None, :]
-    q_ok = rows_ok[:, None] & dims_ok[None, :]
+    q_offs, q_ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
     q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
     do = tl.load(DO + q_offs, mask=q_ok, other=0.0)
-    lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    lse2 = _saved_lse2(LSE, rows, rows_ok, h, H)
     qk_scale = scale * LOG2E
     sig = 0.0
     if HAS_SIGMA:
@@ -218,8 +202,7 @@ def _ball_attention_bwd_delta_kernel(
         keys = span0 + start + tl.arange(0, CHUNK)
         keys_ok = keys < M
         real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-        kv_offs = keys[:, None] * stride + h * D + dims[None, :]
-        kv_ok = keys_ok[:, None] & dims_ok[None, :]
+        kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
         k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
         v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
         p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
@@ -246,11 +229,7 @@ def _ball_attention_bwd_two_pass_kernel(
     span0 = (row0 // SPAN) * SPAN
     own = row0 + tl.arange(0, CHUNK)
     own_ok = own < M
-    dims = tl.arange(0, BLOCK_D)
-    dims_ok = dims < D
-    stride = H * D
-    own_offs = own[:, None] * stride + h * D + dims[None, :]
-    own_2d = own_ok[:, None] & dims_ok[None, :]
+    own_offs, own_2d = _head_tile(own, own_ok, h, H, D, BLOCK_D)
     qk_scale = scale * LOG2E
     sig = 0.0
     if HAS_SIGMA:
@@ -265,13 +244,11 @@ def _ball_attention_bwd_two_pass_kernel(
     for start in range(0, SPAN, CHUNK):
         qrows = span0 + start + tl.arange(0, CHUNK)
         qrows_ok = qrows < M
-        q_offs = qrows[:, None] * stride + h * D + dims[None, :]
-        q_2d = qrows_ok[:, None] & dims_ok[None, :]
+        q_offs, q_2d = _head_tile(qrows, qrows_ok, h, H, D, BLOCK_D)
         q = tl.load(Q + q_offs, mask=q_2d, other=0.0)
         do = tl.load(DO + q_offs, mask=q_2d, other=0.0)
         delta = tl.load(DELTA + qrows * H + h, mask=qrows_ok, other=0.0)
-        lse = tl.load(LSE + qrows * H + h, mask=qrows_ok, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+        lse2 = _saved_lse2(LSE, qrows, qrows_ok, h, H)
         # Transposed logits [keys, queries]: the accumulators are per key.
         st, _ = _logits(k, q, qk_scale, sig * LOG2E, POS, own, own_ok, POS, qrows, qrows_ok, DIM, HAS_SIGMA,
                         FP32_DOT, UPCAST_DOT)
@@ -288,16 +265,14 @@ def _ball_attention_bwd_two_pass_kernel(
     q = tl.load(Q + own_offs, mask=own_2d, other=0.0)
     do = tl.load(DO + own_offs, mask=own_2d, other=0.0)
     delta = tl.load(DELTA + own * H + h, mask=own_ok, other=0.0)
-    lse = tl.load(LSE + own * H + h, mask=own_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    lse2 = _saved_lse2(LSE, own, own_ok, h, H)
     dq = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
     dsig = tl.zeros((CHUNK,), dtype=tl.float32)
     for start in range(0, SPAN, CHUNK):
         keys = span0 + start + tl.arange(0, CHUNK)
         keys_ok = keys < M
         kreal = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-        kv_offs = keys[:, None] * stride + h * D + dims[None, :]
-        kv_2d = keys_ok[:, None] & dims_ok[None, :]
+        kv_offs, kv_2d = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
         kk = tl.load(K + kv_offs, mask=kv_2d, other=0.0)
         vv = tl.load(V + kv_offs, mask=kv_2d, other=0.0)
         p, dist = _ball_probs(q, kk, own, own_ok, keys, keys_ok, kreal, lse2, POS, sig,

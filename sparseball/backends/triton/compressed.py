@@ -20,9 +20,11 @@ from ._common import (
     LOG2E,
     _dot,
     _dot_split,
+    _head_tile,
     _logits,
     _online_softmax_finish,
     _online_softmax_step,
+    _saved_lse2,
     attention_bwd_delta,
     block_d,
     dot_modes,
@@ -122,11 +124,7 @@ def _compressed_attention_fwd_kernel(
     h = tl.program_id(1)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < M
-    dims = tl.arange(0, BLOCK_D)
-    dims_ok = dims < D
-    stride = H * D
-    q_offs = rows[:, None] * stride + h * D + dims[None, :]
-    q_ok = rows_ok[:, None] & dims_ok[None, :]
+    q_offs, q_ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
     q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
     lo, hi, tile_lo, tile_hi = _row_key_range(CLOUD_LO, CLOUD_HI, rows, rows_ok, UNIT, CS)
     qk_scale = scale * LOG2E
@@ -140,8 +138,7 @@ def _compressed_attention_fwd_kernel(
         keys = start + tl.arange(0, BLOCK_N)
         keys_ok = keys < tile_hi
         real = tl.load(BLOCK_REAL + keys, mask=keys_ok, other=0) != 0
-        kv_offs = keys[:, None] * stride + h * D + dims[None, :]
-        kv_ok = keys_ok[:, None] & dims_ok[None, :]
+        kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
         k = tl.load(KC + kv_offs, mask=kv_ok, other=0.0)
         v = tl.load(VC + kv_offs, mask=kv_ok, other=0.0)
         s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM, HAS_SIGMA,
@@ -188,15 +185,10 @@ def _compressed_attention_bwd_dq_kernel(
     h = tl.program_id(1)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < M
-    dims = tl.arange(0, BLOCK_D)
-    dims_ok = dims < D
-    stride = H * D
-    q_offs = rows[:, None] * stride + h * D + dims[None, :]
-    q_ok = rows_ok[:, None] & dims_ok[None, :]
+    q_offs, q_ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
     q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
     do = tl.load(DO + q_offs, mask=q_ok, other=0.0)
-    lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    lse2 = _saved_lse2(LSE, rows, rows_ok, h, H)
     lo, hi, tile_lo, tile_hi = _row_key_range(CLOUD_LO, CLOUD_HI, rows, rows_ok, UNIT, CS)
     qk_scale = scale * LOG2E
     sig = 0.0
@@ -209,8 +201,7 @@ def _compressed_attention_bwd_dq_kernel(
             keys = start + tl.arange(0, BLOCK_N)
             keys_ok = keys < tile_hi
             real = tl.load(BLOCK_REAL + keys, mask=keys_ok, other=0) != 0
-            kv_offs = keys[:, None] * stride + h * D + dims[None, :]
-            kv_ok = keys_ok[:, None] & dims_ok[None, :]
+            kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
             k = tl.load(KC + kv_offs, mask=kv_ok, other=0.0)
             v = tl.load(VC + kv_offs, mask=kv_ok, other=0.0)
             p, dist = _compressed_probs(q, k, rows, rows_ok, keys, keys_ok, lo, hi, real, lse2,
@@ -226,8 +217,7 @@ def _compressed_attention_bwd_dq_kernel(
         keys = start + tl.arange(0, BLOCK_N)
         keys_ok = keys < tile_hi
         real = tl.load(BLOCK_REAL + keys, mask=keys_ok, other=0) != 0
-        kv_offs = keys[:, None] * stride + h * D + dims[None, :]
-        kv_ok = keys_ok[:, None] & dims_ok[None, :]
+        kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
         k = tl.load(KC + kv_offs, mask=kv_ok, other=0.0)
         v = tl.load(VC + kv_offs, mask=kv_ok, other=0.0)
         p, dist = _compressed_probs(q, k, rows, rows_ok, keys, keys_ok, lo, hi, real, lse2,
@@ -257,11 +247,7 @@ def _compressed_attention_bwd_dkv_kernel(
     h = tl.program_id(1)
     keys = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     keys_ok = keys < MC
-    dims = tl.arange(0, BLOCK_D)
-    dims_ok = dims < D
-    stride = H * D
-    kv_offs = keys[:, None] * stride + h * D + dims[None, :]
-    kv_ok = keys_ok[:, None] & dims_ok[None, :]
+    kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
     k = tl.load(KC + kv_offs, mask=kv_ok, other=0.0)
     v = tl.load(VC + kv_offs, mask=kv_ok, other=0.0)
     real = tl.load(BLOCK_REAL + keys, mask=keys_ok, other=0) != 0
@@ -280,13 +266,11 @@ def _compressed_attention_bwd_dkv_kernel(
     for start in range(tile_lo, tile_hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         rows_ok = rows < tile_hi
-        q_offs = rows[:, None] * stride + h * D + dims[None, :]
-        q_ok = rows_ok[:, None] & dims_ok[None, :]
+        q_offs, q_ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
         q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
         do = tl.load(DO + q_offs, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + rows * H + h, mask=rows_ok, other=0.0)
-        lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+        lse2 = _saved_lse2(LSE, rows, rows_ok, h, H)
         # Transposed logits [keys, queries]: the accumulators are per key.
         st, _ = _logits(k, q, qk_scale, sig, CENTERS, keys, keys_ok, POS, rows, rows_ok, DIM, HAS_SIGMA,
                         FP32_DOT, UPCAST_DOT)

@@ -20,9 +20,11 @@ from ._common import (
     LOG2E,
     _dot,
     _dot_split,
+    _head_tile,
     _logits,
     _online_softmax_finish,
     _online_softmax_step,
+    _saved_lse2,
     attention_bwd_delta,
     block_d,
     dot_modes,
@@ -64,11 +66,7 @@ def _selection_attention_fwd_kernel(
     rows = row0 + r
     rows_ok = (r < ROWS) & (rows < M)
     group = row0 // GS
-    dims = tl.arange(0, BLOCK_D)
-    dims_ok = dims < D
-    stride = H * D
-    q_offs = rows[:, None] * stride + h * D + dims[None, :]
-    q_ok = rows_ok[:, None] & dims_ok[None, :]
+    q_offs, q_ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
     q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
     qk_scale = scale * LOG2E
     sig = 0.0
@@ -88,8 +86,7 @@ def _selection_attention_fwd_kernel(
             keys = blk * SS + kk
             keys_ok = kk < span
             real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-            kv_offs = keys[:, None] * stride + h * D + dims[None, :]
-            kv_ok = keys_ok[:, None] & dims_ok[None, :]
+            kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
             k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
             v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
             s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
@@ -121,15 +118,10 @@ def _selection_attention_bwd_dq_kernel(
     rows = row0 + r
     rows_ok = (r < ROWS) & (rows < M)
     group = row0 // GS
-    dims = tl.arange(0, BLOCK_D)
-    dims_ok = dims < D
-    stride = H * D
-    q_offs = rows[:, None] * stride + h * D + dims[None, :]
-    q_ok = rows_ok[:, None] & dims_ok[None, :]
+    q_offs, q_ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
     q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
     do = tl.load(DO + q_offs, mask=q_ok, other=0.0)
-    lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    lse2 = _saved_lse2(LSE, rows, rows_ok, h, H)
     qk_scale = scale * LOG2E
     sig = 0.0
     if HAS_SIGMA:
@@ -148,8 +140,7 @@ def _selection_attention_bwd_dq_kernel(
                 keys = blk * SS + kk
                 keys_ok = kk < span
                 real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-                kv_offs = keys[:, None] * stride + h * D + dims[None, :]
-                kv_ok = keys_ok[:, None] & dims_ok[None, :]
+                kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
                 k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
                 v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
                 p, dist = _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS,
@@ -171,8 +162,7 @@ def _selection_attention_bwd_dq_kernel(
             keys = blk * SS + kk
             keys_ok = kk < span
             real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-            kv_offs = keys[:, None] * stride + h * D + dims[None, :]
-            kv_ok = keys_ok[:, None] & dims_ok[None, :]
+            kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
             k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
             v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
             p, dist = _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS,
@@ -204,11 +194,7 @@ def _selection_attention_bwd_dkv_kernel(
     kr = tl.arange(0, BLOCK_N)
     keys = key0 + kr
     keys_ok = (kr < KROWS) & (keys < M)
-    dims = tl.arange(0, BLOCK_D)
-    dims_ok = dims < D
-    stride = H * D
-    kv_offs = keys[:, None] * stride + h * D + dims[None, :]
-    kv_ok = keys_ok[:, None] & dims_ok[None, :]
+    kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
     k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
     v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
     real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
@@ -228,13 +214,11 @@ def _selection_attention_bwd_dkv_kernel(
             r = tl.arange(0, BLOCK_M)
             rows = group * GS + sub + r
             rows_ok = r < QROWS
-            q_offs = rows[:, None] * stride + h * D + dims[None, :]
-            q_ok = rows_ok[:, None] & dims_ok[None, :]
+            q_offs, q_ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
             q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
             do = tl.load(DO + q_offs, mask=q_ok, other=0.0)
             delta = tl.load(DELTA + rows * H + h, mask=rows_ok, other=0.0)
-            lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
-            lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+            lse2 = _saved_lse2(LSE, rows, rows_ok, h, H)
             # Transposed logits [keys, queries]: the accumulators are per key.
             st, _ = _logits(k, q, qk_scale, sig, POS, keys, keys_ok, POS, rows, rows_ok, DIM, HAS_SIGMA,
                             FP32_DOT, UPCAST_DOT)
