@@ -44,6 +44,17 @@ MAX_FUSED_TILE = 128
 
 
 @triton.jit
+def _ball_allowed(real, rows, keys, BALL: tl.constexpr, ONE_BALL: tl.constexpr):
+    """`[rows, keys]`: which keys a row may attend to: real keys of its own ball. ONE_BALL: the
+    tile's rows and keys lie in one ball (tiles no taller than a ball), so every key is in the
+    row's ball and only padding is masked, without a compare per logit."""
+    if ONE_BALL:
+        return real[None, :]
+    else:
+        return real[None, :] & ((rows[:, None] // BALL) == (keys[None, :] // BALL))
+
+
+@triton.jit
 def _ball_attention_fwd_kernel(
     Q, K, V, POS, MASK, SIGMA, O, LSE,
     M, H, scale,
@@ -79,8 +90,7 @@ def _ball_attention_fwd_kernel(
         v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
         s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
                        FP32_DOT, UPCAST_DOT)
-        allowed = real[None, :] & ((rows[:, None] // BALL) == (keys[None, :] // BALL))
-        s = tl.where(allowed, s, float("-inf"))
+        s = tl.where(_ball_allowed(real, rows, keys, BALL, BLOCK_M <= BALL), s, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
     out, lse = _online_softmax_finish(m_i, l_i, acc)
     tl.store(O + q_offs, out.to(O.dtype.element_ty), mask=q_ok)
@@ -89,13 +99,13 @@ def _ball_attention_fwd_kernel(
 
 @triton.jit
 def _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig, qk_scale,
-                DIM: tl.constexpr, BALL: tl.constexpr, HAS_SIGMA: tl.constexpr,
-                FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                DIM: tl.constexpr, BALL: tl.constexpr, ONE_BALL: tl.constexpr,
+                HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Probabilities [rows, keys] recomputed from the saved lse (log2 domain, `lse2`), and the
     distances when sigma is on (else 0)."""
     s, dist = _logits(q, k, qk_scale, sig * LOG2E, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
                       FP32_DOT, UPCAST_DOT)
-    allowed = real[None, :] & ((rows[:, None] // BALL) == (keys[None, :] // BALL))
+    allowed = _ball_allowed(real, rows, keys, BALL, ONE_BALL)
     p = tl.exp2(tl.where(allowed, s, float("-inf")) - lse2[:, None])
     return p, dist
 
@@ -142,7 +152,7 @@ def _ball_attention_bwd_kernel(
             k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
             v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
             p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
-                                  qk_scale, DIM, BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+                                  qk_scale, DIM, BALL, TILE <= BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
             dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
             delta += tl.sum(p * dp, axis=1)
     dq = tl.zeros((TILE, BLOCK_D), dtype=tl.float32)
@@ -154,7 +164,7 @@ def _ball_attention_bwd_kernel(
         k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
         v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
         p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
-                              qk_scale, DIM, BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+                              qk_scale, DIM, BALL, TILE <= BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
         dv = _dot_split(tl.trans(p), do, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
         tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_ok)
         dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
@@ -206,7 +216,7 @@ def _ball_attention_bwd_delta_kernel(
         k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
         v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
         p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
-                              qk_scale, DIM, BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+                              qk_scale, DIM, BALL, CHUNK <= BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
         dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
         delta += tl.sum(p * dp, axis=1)
     tl.store(DELTA + rows * H + h, delta, mask=rows_ok)
@@ -252,7 +262,9 @@ def _ball_attention_bwd_two_pass_kernel(
         # Transposed logits [keys, queries]: the accumulators are per key.
         st, _ = _logits(k, q, qk_scale, sig * LOG2E, POS, own, own_ok, POS, qrows, qrows_ok, DIM, HAS_SIGMA,
                         FP32_DOT, UPCAST_DOT)
-        allowed = real[:, None] & ((own[:, None] // BALL) == (qrows[None, :] // BALL))
+        allowed = real[:, None]
+        if CHUNK > BALL:  # the chunk holds several balls (else all its rows are one ball)
+            allowed = allowed & ((own[:, None] // BALL) == (qrows[None, :] // BALL))
         pt = tl.exp2(tl.where(allowed, st, float("-inf")) - lse2[None, :])
         dv += _dot_split(pt, do, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
         dpt = _dot(v, tl.trans(do), FP32_DOT, UPCAST_DOT)
@@ -276,7 +288,7 @@ def _ball_attention_bwd_two_pass_kernel(
         kk = tl.load(K + kv_offs, mask=kv_2d, other=0.0)
         vv = tl.load(V + kv_offs, mask=kv_2d, other=0.0)
         p, dist = _ball_probs(q, kk, own, own_ok, keys, keys_ok, kreal, lse2, POS, sig,
-                              qk_scale, DIM, BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+                              qk_scale, DIM, BALL, CHUNK <= BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
         dp = _dot(do, tl.trans(vv), FP32_DOT, UPCAST_DOT)
         ds = p * (dp - delta[:, None])
         dq += _dot_split(ds, kk, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
