@@ -8,7 +8,9 @@ H=8, D=64, bfloat16 unless told otherwise; times are medians of `triton.testing.
   "Erwin's way": torch SDPA on the balls reshaped (M/128, H, 128, D) with the distance bias
   as a dense float attn_mask.
 - selection_attention (top_k 16, select 64, group 64, 1M points): TFLOP/s =
-  4 M top_k select H D / time, the backward counted as 2.5x the forward.
+  4 M top_k select H D / time, the backward counted as 2.5x the forward; for random blocks
+  (no reuse between groups) and for blocks near each group (the locality of a real
+  selection), against the gather floor (bytes of the selected K/V blocks read per group).
 - compressed_attention and select_blocks at compress 64 against flash SDPA on a dense
   attention of M queries x M/64 keys (TFLOP/s by the same count).
 - Peak memory of sparseball.attention forward+backward at 1M points against the bytes of
@@ -190,32 +192,56 @@ def random_selection(tree, heads, top_k, select_size, group_size, generator):
     return ((base + steps * stride) % blocks_per_cloud).sort(-1).values.to(torch.int32)
 
 
-def bench_selection(results, device, generator, dtype, heads, head_dim):
+def nearby_selection(tree, heads, top_k, select_size, group_size, generator, window=64):
+    """Distinct blocks drawn from the `window` blocks around each group (one cloud): the
+    locality a real selection has (neighbouring groups choose overlapping blocks), which lets
+    L2 serve repeated key blocks."""
+    device = tree.device
+    groups = tree.num_slots // group_size
+    blocks = tree.offsets_list[1] // select_size
+    centre = torch.arange(groups, device=device) * group_size // select_size
+    start = (centre - window // 2).clamp(0, blocks - window)
+    picks = torch.rand(groups, heads, window, device=device, generator=generator).argsort(-1)
+    return (start.view(-1, 1, 1) + picks[..., :top_k]).sort(-1).values.to(torch.int32)
+
+
+def bench_selection(results, bandwidth, device, generator, dtype, heads, head_dim):
     top_k, select_size, group_size = 16, 64, 64
     tree, layout = make_tree([1 << 20], device, generator)
     q, k, v, sigma = inputs(tree, heads, head_dim, dtype, generator, grad=True)
     grad_out = torch.randn_like(q)
-    indices = random_selection(tree, heads, top_k, select_size, group_size, generator)
     M = tree.num_slots
     flops = 4 * M * top_k * select_size * heads * head_dim
+    # The gather floor: every (group, head) reads its top_k blocks of K and V (forward and dq)
+    # and the dk/dv pass reads Q and dO once per selection; plus the dense [M, H, D] tensors.
+    elem, dense = q.element_size(), M * heads * head_dim * q.element_size()
+    gathered = (M // group_size) * heads * top_k * select_size * head_dim * elem
+    floor_fwd_ms = (2 * gathered + 2 * dense) / bandwidth * 1e3
+    floor_bwd_ms = (4 * gathered + 5 * dense) / bandwidth * 1e3
+    selections = {
+        "random": random_selection(tree, heads, top_k, select_size, group_size, generator),
+        "nearby": nearby_selection(tree, heads, top_k, select_size, group_size, generator),
+    }
+    for selection, indices in selections.items():
+        def fwd(indices=indices):
+            return ops.selection_attention(q, k, v, tree, indices, select_size, group_size, sigma,
+                                           head_dim**-0.5)
 
-    def fwd():
-        return ops.selection_attention(q, k, v, tree, indices, select_size, group_size, sigma,
-                                       head_dim**-0.5)
+        def fwd_bwd(fwd=fwd):
+            torch.autograd.grad(fwd(), (q, k, v, sigma), grad_out)
 
-    def fwd_bwd():
-        torch.autograd.grad(fwd(), (q, k, v, sigma), grad_out)
-
-    for mode in (False, True):
-        with one_dot(mode):
-            with torch.no_grad():
-                t_fwd = ms(fwd)
-            t_all = ms(fwd_bwd)
-        row = {"mode": "one-dot" if mode else "precise", "layout": layout, "fwd_ms": t_fwd,
-               "fwd_bwd_ms": t_all, "fwd_tflops": flops / t_fwd * 1e-9,
-               "fwd_bwd_tflops": 3.5 * flops / t_all * 1e-9}
-        print("selection_attention", row, flush=True)
-        results["selection_attention"].append(row)
+        for mode in (False, True):
+            with one_dot(mode):
+                with torch.no_grad():
+                    t_fwd = ms(fwd)
+                t_all = ms(fwd_bwd)
+            row = {"selection": selection, "mode": "one-dot" if mode else "precise",
+                   "layout": layout, "fwd_ms": t_fwd, "fwd_bwd_ms": t_all,
+                   "fwd_tflops": flops / t_fwd * 1e-9, "fwd_bwd_tflops": 3.5 * flops / t_all * 1e-9,
+                   "gather_floor_fwd_ms": floor_fwd_ms,
+                   "gather_floor_fwd_bwd_ms": floor_fwd_ms + floor_bwd_ms}
+            print("selection_attention", row, flush=True)
+            results["selection_attention"].append(row)
 
 
 def bench_compressed(results, device, generator, dtype, heads, head_dim):
@@ -366,7 +392,8 @@ def markdown(results) -> str:
            "erwin_fwd_ms", "erwin_fwd_bwd_ms", "speedup_fwd_vs_erwin", "speedup_fwd_bwd_vs_erwin"])
     table("selection_attention (1M points, top_k 16, select 64, group 64)",
           results["selection_attention"],
-          ["mode", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops"])
+          ["selection", "mode", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops",
+           "gather_floor_fwd_ms", "gather_floor_fwd_bwd_ms"])
     table("compressed attention and select_blocks (compress 64) vs flash SDPA",
           results["compressed"], ["op", "mode", "fwd_ms", "fwd_bwd_ms", "fwd_tflops",
                                   "fwd_bwd_tflops", "of_flash_fwd"])
@@ -404,7 +431,7 @@ def main() -> None:
     bandwidth = results["copy_bandwidth_gbs"] * 1e9
     parts = {
         "ball": lambda: bench_ball(results, bandwidth, device, generator, dtype, args.heads),
-        "selection": lambda: bench_selection(results, device, generator, dtype, args.heads,
+        "selection": lambda: bench_selection(results, bandwidth, device, generator, dtype, args.heads,
                                              args.head_dim),
         "fla": lambda: bench_fla(results, device, generator, dtype, args.head_dim),
         "compressed": lambda: bench_compressed(results, device, generator, dtype, args.heads,
