@@ -498,7 +498,7 @@ from sparseball.backends.triton import _common, ball, compressed, ops, select, s
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32"}
-seen, report = set(), []
+seen, report, pipelined = set(), [], []
 
 
 class Compile:
@@ -521,10 +521,17 @@ class Compile:
             if key in seen:
                 return
             seen.add(key)
-            source = ASTSource(self.kernel, signature, constexprs=constexprs)
+            # As the JIT specializes them: tensors are 16-byte aligned (without that hint no
+            # load is wide enough to be copied asynchronously, so none would be pipelined).
+            attrs = {(i,): [["tt.divisibility", 16]] for i, value in enumerate(args)
+                     if isinstance(value, torch.Tensor)}
+            source = ASTSource(self.kernel, signature, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                       options=dict(num_warps=num_warps, num_stages=num_stages))
             report.append((self.kernel.__name__, compiled.metadata.shared))
+            ttgir = compiled.asm["ttgir"]
+            if num_stages > 1 and "scf.for" in ttgir and "warp_group_dot" in ttgir:
+                pipelined.append((self.kernel.__name__, "async_copy_global_to_local" in ttgir))
         return launch
 
 
@@ -547,6 +554,10 @@ for dtype, D in ((torch.bfloat16, 64), (torch.float32, 64)):
 limit = 232448  # bytes of shared memory per block on sm_90
 too_big = [entry for entry in report if entry[1] > limit]
 assert not too_big, too_big
+# A kernel launched with num_stages > 1 whose key loop the compiler cannot software-pipeline
+# (for example one holding an inner data-dependent loop) waits on every tile it loads.
+not_pipelined = [name for name, ok in pipelined if not ok]
+assert pipelined and not not_pipelined, not_pipelined
 print("COMPILED", len(report))
 """
 
@@ -554,8 +565,10 @@ print("COMPILED", len(report))
 @pytest.mark.skipif(CUDA, reason="the GPU tests build and run every kernel")
 def test_kernels_build_for_sm90():
     """Every kernel the ops launch (bfloat16 and float32 at D = 64, the main tile
-    configurations) builds with the real compiler for sm_90 and fits its shared memory. The
-    interpreter does not compile, so this is what catches compile-time errors on CPU CI."""
+    configurations) builds with the real compiler for sm_90 and fits its shared memory, and
+    every key loop launched with num_stages > 1 is software-pipelined (its tile loads become
+    asynchronous copies). The interpreter does not compile, so this is what catches
+    compile-time errors on CPU CI."""
     nvidia = importlib.util.find_spec("triton.backends.nvidia")
     if nvidia is None or not os.path.exists(
             os.path.join(os.path.dirname(nvidia.origin), "bin", "ptxas")):
