@@ -487,97 +487,24 @@ def test_compile_traces_fullgraph():
     assert result.returncode == 0 and "TRACED" in result.stdout, result.stderr[-4000:]
 
 
-_COMPILE_SCRIPT = """
-import json, sys
-import numpy as np, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-sys.path.insert(0, "tests")
-from helpers import random_tree
-from sparseball.backends.triton import _common, ball, compressed, ops, select, selection
-
-TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-         torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32"}
-seen, report, pipelined = set(), [], []
-
-
-class Compile:
-    # Stands in for wrap_triton: builds each launch for sm_90 instead of running it.
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def launch(*args, num_warps=4, num_stages=3, **constexprs):
-            names = self.kernel.arg_names
-            signature = {}
-            for name, value in zip(names, args):
-                if isinstance(value, torch.Tensor):
-                    signature[name] = "*" + TYPES[value.dtype]
-                else:
-                    signature[name] = "fp32" if isinstance(value, float) else "i64"
-            signature.update({name: "constexpr" for name in constexprs})
-            key = (self.kernel.__name__, json.dumps(signature, sort_keys=True),
-                   json.dumps(constexprs, sort_keys=True, default=str), num_warps, num_stages)
-            if key in seen:
-                return
-            seen.add(key)
-            # As the JIT specializes them: tensors are 16-byte aligned (without that hint no
-            # load is wide enough to be copied asynchronously, so none would be pipelined).
-            attrs = {(i,): [["tt.divisibility", 16]] for i, value in enumerate(args)
-                     if isinstance(value, torch.Tensor)}
-            source = ASTSource(self.kernel, signature, constexprs=constexprs, attrs=attrs)
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                      options=dict(num_warps=num_warps, num_stages=num_stages))
-            report.append((self.kernel.__name__, compiled.metadata.shared))
-            ttgir = compiled.asm["ttgir"]
-            if num_stages > 1 and "scf.for" in ttgir and "warp_group_dot" in ttgir:
-                pipelined.append((self.kernel.__name__, "async_copy_global_to_local" in ttgir))
-        return launch
-
-
-for module in (_common, ball, compressed, select, selection):
-    module.wrap_triton = Compile
-for dtype, D in ((torch.bfloat16, 64), (torch.float32, 64)):
-    tree = random_tree([300, 100], 128, 3, torch.float32, np.random.default_rng(0))
-    M, H = tree.num_slots, 2
-    q, k, v = (torch.randn(M, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
-    sigma = torch.randn(H, dtype=dtype, requires_grad=True)
-    outs = [ops.ball_attention(q, k, v, tree, 128, sigma, 0.1),
-            ops.ball_attention(q, k, v, tree, 16, sigma, 0.1)]
-    k_cmp, v_cmp = ops.compress(k, tree, 32), ops.compress(v, tree, 32)
-    out, lse = ops.compressed_attention(q, k_cmp, v_cmp, tree, 32, sigma, 0.1)
-    outs.append(out)
-    ops.select_blocks(q, k_cmp, torch.zeros_like(lse), tree, 32, 64, 64, 16, sigma, 0.1, None)
-    indices = torch.arange(2, dtype=torch.int32).expand(M // 64, H, 2).contiguous()
-    outs.append(ops.selection_attention(q, k, v, tree, indices, 64, 64, sigma, 0.1))
-    torch.autograd.grad(sum(o.float().sum() for o in outs), (q, k, v, sigma))
-limit = 232448  # bytes of shared memory per block on sm_90
-too_big = [entry for entry in report if entry[1] > limit]
-assert not too_big, too_big
-# A kernel launched with num_stages > 1 whose key loop the compiler cannot software-pipeline
-# (for example one holding an inner data-dependent loop) waits on every tile it loads.
-not_pipelined = [name for name, ok in pipelined if not ok]
-assert pipelined and not not_pipelined, not_pipelined
-print("COMPILED", len(report))
-"""
 
 
 @pytest.mark.skipif(CUDA, reason="the GPU tests build and run every kernel")
 def test_kernels_build_for_sm90():
     """Every kernel the ops launch (bfloat16 and float32 at D = 64, the main tile
-    configurations) builds with the real compiler for sm_90 and fits its shared memory, and
-    every key loop launched with num_stages > 1 is software-pipelined (its tile loads become
-    asynchronous copies). The interpreter does not compile, so this is what catches
-    compile-time errors on CPU CI."""
+    configurations) builds with the real compiler for sm_90, fits its shared memory, and
+    every key loop launched with num_stages > 1 is software-pipelined (bench/triton_sm90.py
+    --check). The interpreter does not compile, so this is what catches compile-time errors
+    and unpipelined loops on CPU CI."""
     nvidia = importlib.util.find_spec("triton.backends.nvidia")
     if nvidia is None or not os.path.exists(
             os.path.join(os.path.dirname(nvidia.origin), "bin", "ptxas")):
         pytest.skip("triton's NVIDIA backend (with its ptxas) is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True,
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "triton_sm90.py")
+    result = subprocess.run([sys.executable, script, "--check"], capture_output=True,
                             text=True, env=env, timeout=600, check=False)
-    assert result.returncode == 0 and "COMPILED" in result.stdout, result.stderr[-4000:]
+    assert result.returncode == 0 and "BUILT" in result.stdout, result.stderr[-4000:]
 
 
 # GPU: large inputs against the torch backend, determinism, torch.compile

@@ -1,0 +1,137 @@
+"""Build every Triton kernel the ops launch for sm_90 (no GPU needed) and report what the
+compiler made of each: shared memory, whether its key loop is software-pipelined, and counts
+of divisions, square roots, exp2 and local-memory (spill) accesses in the PTX.
+
+The ops run on small CPU tensors with `wrap_triton` replaced by a builder, so each launch
+(kernel, constexprs, num_warps, num_stages) is compiled exactly as the ops configure it, in
+bfloat16 and float32 at D = 64. Pointer arguments carry the 16-byte alignment the JIT
+specializes on a GPU: without it no tile load is wide enough for an asynchronous copy, so the
+report would show nothing pipelined. tests/test_triton.py runs this with `--check`.
+
+    python3 bench/triton_sm90.py            # a table
+    python3 bench/triton_sm90.py --check    # exit 1 on too much shared memory or an
+                                            # unpipelined multi-stage key loop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_LIMIT = 232448  # bytes of shared memory per block on sm_90
+
+
+def build_all() -> list[dict]:
+    os.environ.pop("TRITON_INTERPRET", None)  # kernels as JIT functions, built for a target
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    import numpy as np
+    import torch
+    import triton
+    from helpers import random_tree
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparseball.backends.triton import _common, ball, compressed, ops, select, selection
+
+    types = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+             torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32"}
+    seen, report = set(), []
+
+    class Build:  # stands in for wrap_triton
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps=4, num_stages=3, **constexprs):
+                signature, attrs = {}, {}
+                for i, (name, value) in enumerate(zip(self.kernel.arg_names, args, strict=False)):
+                    if isinstance(value, torch.Tensor):
+                        signature[name] = "*" + types[value.dtype]
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                    else:
+                        signature[name] = "fp32" if isinstance(value, float) else "i64"
+                signature.update({name: "constexpr" for name in constexprs})
+                key = (self.kernel.__name__, json.dumps(signature, sort_keys=True),
+                       json.dumps(constexprs, sort_keys=True, default=str), num_warps, num_stages)
+                if key in seen:
+                    return
+                seen.add(key)
+                source = ASTSource(self.kernel, signature, constexprs=constexprs, attrs=attrs)
+                compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+                has_loop = "scf.for" in ttgir and "warp_group_dot" in ttgir
+                report.append({
+                    "kernel": self.kernel.__name__,
+                    "dtype": signature.get("Q", signature.get("X", signature.get("DOUT", "?"))),
+                    "warps": num_warps, "stages": num_stages,
+                    "shared": compiled.metadata.shared,
+                    # None: no multi-stage key loop to pipeline.
+                    "pipelined": ("async_copy_global_to_local" in ttgir
+                                  if num_stages > 1 and has_loop else None),
+                    "div": len(re.findall(r"\bdiv\.", ptx)),
+                    "sqrt": len(re.findall(r"\bsqrt\.", ptx)),
+                    "ex2": len(re.findall(r"\bex2\.", ptx)),
+                    "local": len(re.findall(r"\b(?:ld|st)\.local", ptx)),
+                })
+            return launch
+
+    for module in (_common, ball, compressed, select, selection):
+        module.wrap_triton = Build
+    for dtype, D in ((torch.bfloat16, 64), (torch.float32, 64)):
+        tree = random_tree([300, 100], 128, 3, torch.float32, np.random.default_rng(0))
+        M, H = tree.num_slots, 2
+        q, k, v = (torch.randn(M, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
+        sigma = torch.randn(H, dtype=dtype, requires_grad=True)
+        outs = [ops.ball_attention(q, k, v, tree, 128, sigma, 0.1),
+                ops.ball_attention(q, k, v, tree, 16, sigma, 0.1)]
+        k_cmp, v_cmp = ops.compress(k, tree, 32), ops.compress(v, tree, 32)
+        out, lse = ops.compressed_attention(q, k_cmp, v_cmp, tree, 32, sigma, 0.1)
+        outs.append(out)
+        ops.select_blocks(q, k_cmp, torch.zeros_like(lse), tree, 32, 64, 64, 16, sigma, 0.1, None)
+        indices = torch.arange(2, dtype=torch.int32).expand(M // 64, H, 2).contiguous()
+        outs.append(ops.selection_attention(q, k, v, tree, indices, 64, 64, sigma, 0.1))
+        torch.autograd.grad(sum(o.float().sum() for o in outs), (q, k, v, sigma))
+    return report
+
+
+def problems(report: list[dict]) -> list[str]:
+    """What a GPU run would suffer from: shared memory over the limit (the launch fails) or a
+    multi-stage key loop the compiler could not pipeline (every tile load waited for, for
+    example because an inner data-dependent loop sits in it)."""
+    found = [f"{r['kernel']} ({r['dtype']}): {r['shared']} bytes of shared memory"
+             for r in report if r["shared"] > SHARED_LIMIT]
+    found += [f"{r['kernel']} ({r['dtype']}, {r['stages']} stages): key loop not pipelined"
+              for r in report if r["pipelined"] is False]
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 on a problem")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args()
+    report = build_all()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        keys = ["kernel", "dtype", "warps", "stages", "shared", "pipelined", "div", "sqrt",
+                "ex2", "local"]
+        print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+        for row in report:
+            print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+    found = problems(report)
+    for line in found:
+        print("PROBLEM:", line, file=sys.stderr)
+    print(f"BUILT {len(report)} launches for sm_90, {len(found)} problems")
+    if args.check and found:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
