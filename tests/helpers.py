@@ -259,3 +259,31 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, reduction: int,
             f"reduction {reduction}); worst error/bound {worst:.3g}; first at {where}: "
             f"got {actual[bad][:5].tolist()}, expected {expected[bad][:5].tolist()}"
         )
+
+
+def assert_valid_selection(indices, importance, slack, candidate, top_k, mask, group_size):
+    """`indices` `(G, H, top_k)` from select_blocks are a valid top-k of the oracle's block
+    `importance` `(G, H, blocks)` within `slack` per block: `top_k` (or all) candidate blocks,
+    ascending and distinct, then -1s, none left out that beats a kept one by more than the
+    slack. A group without a real query (`mask` the tree's slot mask) finds every block equally
+    (un)important: exact ties, which go to the lowest ids."""
+    for group in range(indices.shape[0]):
+        allowed = torch.nonzero(candidate[group]).flatten()
+        for head in range(indices.shape[1]):
+            row = indices[group, head].tolist()
+            chosen = [b for b in row if b >= 0]
+            where = f"group {group} head {head}: {row}"
+            assert len(chosen) == min(top_k, allowed.numel()), f"count, {where}"
+            assert row[len(chosen):] == [-1] * (top_k - len(chosen)), f"-1 not last, {where}"
+            assert chosen == sorted(set(chosen)), f"not ascending and distinct, {where}"
+            assert all(candidate[group, b] for b in chosen), f"not a candidate, {where}"
+            rest = [b for b in allowed.tolist() if b not in chosen]
+            if chosen and rest:
+                score, margin = importance[group, head], slack[group, head]
+                worst_kept = min(score[b] + margin[b] for b in chosen)
+                best_left = max(score[b] - margin[b] for b in rest)
+                assert worst_kept >= best_left, f"not the top {top_k}, {where}"
+    for group in torch.nonzero(~mask.view(-1, group_size).any(1)).flatten().tolist():
+        lowest = torch.nonzero(candidate[group]).flatten()[:top_k].tolist()
+        for head in range(indices.shape[1]):
+            assert indices[group, head, :len(lowest)].tolist() == lowest, "ties not to lower ids"

@@ -21,6 +21,7 @@ from helpers import (
     BACKENDS,
     DTYPES,
     assert_matches,
+    assert_valid_selection,
     attention_magnitudes,
     call,
     chunk_budget,
@@ -238,34 +239,9 @@ def test_select_blocks(backend, device, dtype, data):
     candidate = oracle.selection_candidates(tree, s, g, exclude)
     # Importances are computed in the compute dtype and sum g * s/c terms.
     slack = tolerance(importance, compute_dtype(dtype), g * s // c)
-    _assert_valid_top_k(indices, importance, slack, candidate, top_k)
-    # A group without a real query finds every block equally (un)important: exact ties, which
-    # go to the lowest ids.
-    for group in torch.nonzero(~tree.mask.view(-1, g).any(1)).flatten().tolist():
-        lowest = torch.nonzero(candidate[group]).flatten()[:top_k].tolist()
-        for head in range(H):
-            assert indices[group, head, :len(lowest)].tolist() == lowest, "ties not to lower ids"
+    assert_valid_selection(indices, importance, slack, candidate, top_k, tree.mask, g)
     if dtype == torch.float64:
         assert torch.equal(indices, oracle.select_blocks(*args))
-
-
-def _assert_valid_top_k(indices, importance, slack, candidate, top_k):
-    for group in range(indices.shape[0]):
-        allowed = torch.nonzero(candidate[group]).flatten()
-        for head in range(indices.shape[1]):
-            row = indices[group, head].tolist()
-            chosen = [b for b in row if b >= 0]
-            where = f"group {group} head {head}: {row}"
-            assert len(chosen) == min(top_k, allowed.numel()), f"count, {where}"
-            assert row[len(chosen):] == [-1] * (top_k - len(chosen)), f"-1 not last, {where}"
-            assert chosen == sorted(set(chosen)), f"not ascending and distinct, {where}"
-            assert all(candidate[group, b] for b in chosen), f"not a candidate, {where}"
-            rest = [b for b in allowed.tolist() if b not in chosen]
-            if chosen and rest:
-                score, margin = importance[group, head], slack[group, head]
-                worst_kept = min(score[b] + margin[b] for b in chosen)
-                best_left = max(score[b] - margin[b] for b in rest)
-                assert worst_kept >= best_left, f"not the top {top_k}, {where}"
 
 
 # Padding invariance and cloud isolation (exact)

@@ -25,7 +25,15 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import assert_matches, attention_magnitudes, grads, leaves, random_tree, tolerance
+from helpers import (
+    assert_matches,
+    assert_valid_selection,
+    attention_magnitudes,
+    grads,
+    leaves,
+    random_tree,
+    tolerance,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -251,31 +259,8 @@ def check_select_blocks(problem, c, s, g, top_k, exclude):
     candidate = oracle.selection_candidates(tree, s, g, exclude)
     # The kernel sums g * s / c probabilities in float32 (exp2 of float32 logits).
     slack = 1e-5 * (1 + importance) * math.sqrt(g * s // c)
-    assert_valid_top_k(indices.cpu(), importance.cpu(), slack.cpu(), candidate.cpu(), top_k)
-    # Groups without a real query: every importance is exactly 0, ties go to the lowest ids.
-    for group in torch.nonzero(~tree.mask.view(-1, g).any(1)).flatten().tolist():
-        lowest = torch.nonzero(candidate[group]).flatten()[:top_k].tolist()
-        for head in range(H):
-            assert indices[group, head, :len(lowest)].tolist() == lowest, "ties not to lower ids"
-
-
-def assert_valid_top_k(indices, importance, slack, candidate, top_k):
-    for group in range(indices.shape[0]):
-        allowed = torch.nonzero(candidate[group]).flatten()
-        for head in range(indices.shape[1]):
-            row = indices[group, head].tolist()
-            chosen = [b for b in row if b >= 0]
-            where = f"group {group} head {head}: {row}"
-            assert len(chosen) == min(top_k, allowed.numel()), f"count, {where}"
-            assert row[len(chosen):] == [-1] * (top_k - len(chosen)), f"-1 not last, {where}"
-            assert chosen == sorted(set(chosen)), f"not ascending and distinct, {where}"
-            assert all(candidate[group, b] for b in chosen), f"not a candidate, {where}"
-            rest = [b for b in allowed.tolist() if b not in chosen]
-            if chosen and rest:
-                score, margin = importance[group, head], slack[group, head]
-                worst_kept = min(score[b] + margin[b] for b in chosen)
-                best_left = max(score[b] - margin[b] for b in rest)
-                assert worst_kept >= best_left, f"not the top {top_k}, {where}"
+    assert_valid_selection(indices.cpu(), importance.cpu(), slack.cpu(), candidate.cpu(), top_k,
+                           tree.mask.cpu(), g)
 
 
 @dtypes
