@@ -151,9 +151,6 @@ class NumpyOps:
 
     xp = np
 
-    def block_cap(self, dim: int) -> int:
-        return 1
-
     def node_cap(self, dim: int, n_items: int) -> int:
         return 1
 

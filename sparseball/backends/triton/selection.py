@@ -50,6 +50,24 @@ def _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig, q
 
 
 @triton.jit
+def _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub: tl.constexpr, SS: tl.constexpr,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Keys `sub .. sub + BLOCK_N` of the `t`-th block group `group` selected for head `h`:
+    their slots, which are in use, which are real, and their K and V tiles. A -1 (no block) is
+    masked rather than branched on, so the loops stay straight-line code the compiler can
+    software-pipeline."""
+    blk = tl.load(IDX + (group * H + h) * TOPK + t).to(tl.int64)
+    kk = sub + tl.arange(0, BLOCK_N)
+    keys = tl.maximum(blk, 0) * SS + kk
+    keys_ok = kk < tl.where(blk >= 0, SS, 0)  # the keys of a block in use
+    real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+    kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
+    k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
+    v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+    return keys, keys_ok, real, k, v
+
+
+@triton.jit
 def _selection_attention_fwd_kernel(
     Q, K, V, POS, MASK, IDX, SIGMA, O, LSE,
     M, H, TOPK, scale,
@@ -76,19 +94,9 @@ def _selection_attention_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for t in range(TOPK):
-        blk = tl.load(IDX + (group * H + h) * TOPK + t).to(tl.int64)
-        # -1 (no block) is masked rather than branched on, so the loop stays
-        # straight-line code the compiler can software-pipeline.
-        span = tl.where(blk >= 0, SS, 0)  # keys of the block in use
-        blk = tl.maximum(blk, 0)
         for sub in tl.static_range(0, SS, BLOCK_N):
-            kk = sub + tl.arange(0, BLOCK_N)
-            keys = blk * SS + kk
-            keys_ok = kk < span
-            real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-            kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-            k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-            v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+            keys, keys_ok, real, k, v = _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub,
+                                                       SS, D, BLOCK_N, BLOCK_D)
             s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
                            FP32_DOT, UPCAST_DOT)
             s = tl.where(real[None, :], s, float("-inf"))
@@ -130,19 +138,9 @@ def _selection_attention_bwd_dq_kernel(
     if EXACT_DELTA:
         delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for t in range(TOPK):
-            blk = tl.load(IDX + (group * H + h) * TOPK + t).to(tl.int64)
-            # -1 (no block) is masked rather than branched on, so the loop stays
-            # straight-line code the compiler can software-pipeline.
-            span = tl.where(blk >= 0, SS, 0)  # keys of the block in use
-            blk = tl.maximum(blk, 0)
             for sub in tl.static_range(0, SS, BLOCK_N):
-                kk = sub + tl.arange(0, BLOCK_N)
-                keys = blk * SS + kk
-                keys_ok = kk < span
-                real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-                kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-                k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-                v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+                keys, keys_ok, real, k, v = _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub,
+                                                           SS, D, BLOCK_N, BLOCK_D)
                 p, dist = _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS,
                                            sig, qk_scale, DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
                 dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
@@ -152,19 +150,9 @@ def _selection_attention_bwd_dq_kernel(
         delta = tl.load(DELTA + rows * H + h, mask=rows_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for t in range(TOPK):
-        blk = tl.load(IDX + (group * H + h) * TOPK + t).to(tl.int64)
-        # -1 (no block) is masked rather than branched on, so the loop stays
-        # straight-line code the compiler can software-pipeline.
-        span = tl.where(blk >= 0, SS, 0)  # keys of the block in use
-        blk = tl.maximum(blk, 0)
         for sub in tl.static_range(0, SS, BLOCK_N):
-            kk = sub + tl.arange(0, BLOCK_N)
-            keys = blk * SS + kk
-            keys_ok = kk < span
-            real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-            kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-            k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-            v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+            keys, keys_ok, real, k, v = _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub,
+                                                       SS, D, BLOCK_N, BLOCK_D)
             p, dist = _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS,
                                        sig, qk_scale, DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
             dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
