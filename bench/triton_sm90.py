@@ -100,6 +100,15 @@ def build_all() -> list[dict]:
     return report
 
 
+# Kernels whose unpipelined multi-stage loop was measured to be the faster choice.
+UNPIPELINED_BY_CHOICE = {
+    # Its top-k insertion is a data-dependent loop inside the key loop. A straight-line bitonic
+    # merge let the compiler pipeline it but measured slower on an H100 (2026-11-23, 256k
+    # points, bfloat16: 24.7 ms against 22.6 ms), so the loop stayed.
+    "_select_blocks_fwd_kernel",
+}
+
+
 def problems(report: list[dict]) -> list[str]:
     """What a GPU run would suffer from: shared memory over the limit (the launch fails) or a
     multi-stage key loop the compiler could not pipeline (every tile load waited for, for
@@ -107,7 +116,8 @@ def problems(report: list[dict]) -> list[str]:
     found = [f"{r['kernel']} ({r['dtype']}): {r['shared']} bytes of shared memory"
              for r in report if r["shared"] > SHARED_LIMIT]
     found += [f"{r['kernel']} ({r['dtype']}, {r['stages']} stages): key loop not pipelined"
-              for r in report if r["pipelined"] is False]
+              for r in report
+              if r["pipelined"] is False and r["kernel"] not in UNPIPELINED_BY_CHOICE]
     return found
 
 
