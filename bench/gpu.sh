@@ -5,8 +5,9 @@
 # $OUT/results.tar.gz
 # ($OUT defaults to ./out).
 #   bash bench/gpu.sh           # everything
-#   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, triton, tree
-# Step time limits: TESTS_LIMIT, DEMO_LIMIT, TORCH_LIMIT, TUNE_LIMIT, TRITON_LIMIT, TREE_LIMIT (seconds).
+#   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, triton, tree, profile
+# Step time limits: TESTS_LIMIT, DEMO_LIMIT, TORCH_LIMIT, TUNE_LIMIT, TRITON_LIMIT, TREE_LIMIT,
+# PROFILE_LIMIT (seconds).
 # On an H100 (2026-11-23): tests ~240 s, triton ~200 s, tree ~120 s, tune ~280 s; the device
 # tool allows 600 s per call, so split: `bash bench/gpu.sh tests tree`, then
 # `bash bench/gpu.sh triton demo` (carry .whl for the peers).
@@ -41,5 +42,6 @@ step torch "${TORCH_LIMIT:-240}" python3 bench/torch_backend.py --out "$RESULTS"
 step tune "${TUNE_LIMIT:-330}" python3 bench/triton_tune.py --out "$RESULTS"
 [[ -f bench/triton_ops.py ]] && step triton "${TRITON_LIMIT:-200}" python3 bench/triton_ops.py --out "$RESULTS"
 [[ -f bench/tree_gpu.py ]] && step tree "${TREE_LIMIT:-150}" python3 bench/tree_gpu.py --out "$RESULTS"
+step profile "${PROFILE_LIMIT:-120}" python3 bench/tree_profile.py --out "$RESULTS"
 tar czf "$OUT/results.tar.gz" -C "$RESULTS" .
 exit $status

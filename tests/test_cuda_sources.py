@@ -166,13 +166,16 @@ def test_emulated_kernels_many_axes_small_cap():
 @needs_gxx
 def test_emulated_kernels_cap_lowered_for_parallelism():
     # On a GPU the small-node cap drops until every multiprocessor gets blocks: with an H100's
-    # 132, 16 clouds of 4096 points get 128 instead of the block's 2048, so most levels run as
-    # grid-wide launches. Emulated: the same tree.
+    # 132, 16 clouds of 4096 points would get 128 instead of the block's 2048 (from 2^18 items
+    # on; forced here), so most levels run as grid-wide launches. Emulated: the same tree.
     module = cuda_emu.EmuModule(cupy_builder.KERNEL_FILE, block=cupy_builder.BLOCK, items=cupy_builder.ITEMS)
     ops = cupy_builder._KernelOps(np, module, multiprocessors=132)
     assert ops.block_cap(3) == 2048
-    assert ops.node_cap(3, 16 * 4096) == cupy_builder.MIN_NODE_CAP
+    assert ops.node_cap(3, 16 * 4096) == 2048  # host-bound: not lowered by default
+    assert ops.node_cap(3, 1 << 18) == 512
     assert ops.node_cap(3, 1 << 20) == 2048
+    ops.lower_cap_from = 0
+    assert ops.node_cap(3, 16 * 4096) == cupy_builder.MIN_NODE_CAP
     rng = np.random.default_rng(11)
     sizes = [4096, 3000, 77, 0, 1500]
     batch = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))

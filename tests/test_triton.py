@@ -479,8 +479,8 @@ def test_kernels_build_for_sm90():
     """Every kernel the ops launch (bfloat16 and float32 at D = 64, the main tile
     configurations) builds with the real compiler for sm_90, fits its shared memory, and
     every key loop launched with num_stages > 1 is software-pipelined, but for those measured
-    faster without (bench/triton_sm90.py --check). The interpreter does not compile, so this is what catches compile-time errors
-    and unpipelined loops on CPU CI."""
+    faster without (bench/triton_sm90.py --check). The interpreter does not compile, so this
+    is what catches compile-time errors and unpipelined loops on CPU CI."""
     nvidia = importlib.util.find_spec("triton.backends.nvidia")
     if nvidia is None or not os.path.exists(
             os.path.join(os.path.dirname(nvidia.origin), "bin", "ptxas")):

@@ -115,32 +115,44 @@ def _check_tree_inputs(pos, batch, ball_size, rotations, backend) -> int:
         raise ValueError("pos must hold at least one point, got shape (0, dim)")
     if pos.shape[1] == 0:
         raise ValueError(f"pos must have dim >= 1 coordinates, got shape {tuple(pos.shape)}")
-    # CPU tensors are checked through NumPy views: torch's thread pool start-up costs more
-    # than the check itself on small batches.
-    finite = np.isfinite(pos.detach().numpy()) if pos.device.type == "cpu" else torch.isfinite(pos)
-    if not bool(finite.all()):
-        bad = int(np.flatnonzero(~np.asarray(finite.all(1).tolist()))[0])
-        raise ValueError(f"pos must be finite, got NaN or inf at point {bad}")
     check_power_of_two("ball_size", ball_size)
     if ball_size < 2:
         raise ValueError(f"ball_size must be a power of two >= 2, got {ball_size}")
     check_int("rotations", rotations, minimum=0)
     if not isinstance(backend, str) or backend not in TREE_BACKENDS:
         raise ValueError(f"backend must be one of {TREE_BACKENDS}, got {backend!r}")
-    if batch is None:
-        return 1
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"batch must be a torch.Tensor of shape (N,) or None, got {type(batch).__name__}")
-    if batch.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"batch must be int64 (or int32) cloud ids, got {batch.dtype}")
-    if batch.shape != (pos.shape[0],):
-        raise ValueError(
-            f"batch must have shape (N,) = ({pos.shape[0]},) to match pos, got {tuple(batch.shape)}"
-        )
-    if batch.device != pos.device:
-        raise ValueError(f"batch must be on the device of pos ({pos.device}), got {batch.device}")
-    ids = batch.numpy() if batch.device.type == "cpu" else batch
-    lowest, highest = (int(ids.min()), int(ids.max()))
+    if batch is not None:
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(f"batch must be a torch.Tensor of shape (N,) or None, got {type(batch).__name__}")
+        if batch.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"batch must be int64 (or int32) cloud ids, got {batch.dtype}")
+        if batch.shape != (pos.shape[0],):
+            raise ValueError(
+                f"batch must have shape (N,) = ({pos.shape[0]},) to match pos, got {tuple(batch.shape)}"
+            )
+        if batch.device != pos.device:
+            raise ValueError(f"batch must be on the device of pos ({pos.device}), got {batch.device}")
+    finite, lowest, highest = _data_summary(pos, batch)
+    if not finite:
+        bad = int(torch.nonzero(~torch.isfinite(pos.detach()).all(1))[0, 0])
+        raise ValueError(f"pos must be finite, got NaN or inf at point {bad}")
     if lowest < 0:
         raise ValueError(f"batch must hold cloud ids >= 0, got {lowest}")
     return highest + 1
+
+
+def _data_summary(pos: torch.Tensor, batch: torch.Tensor | None) -> tuple[bool, int, int]:
+    """(all of pos finite, lowest and highest cloud id; 0, 0 without batch). One host sync on
+    a GPU; CPU tensors are read through NumPy views (torch's thread pool start-up costs more
+    than the check itself on small batches)."""
+    if pos.device.type == "cpu":
+        finite = bool(np.isfinite(pos.detach().numpy()).all())
+        if batch is None:
+            return finite, 0, 0
+        ids = batch.numpy()
+        return finite, int(ids.min()), int(ids.max())
+    stats = [torch.isfinite(pos.detach()).all().to(torch.int64)]
+    if batch is not None:
+        stats += [x.to(torch.int64) for x in torch.aminmax(batch)]
+    values = torch.stack(stats).tolist()
+    return bool(values[0]), *(values[1:] if batch is not None else (0, 0))

@@ -27,14 +27,17 @@ Rotated orderings repeat 1-5 on the slots (sb_rotate computes their rotated posi
 level down to single items) or, in the tests, the same CUDA source on the CPU through a thread
 emulator (tests/cuda_emu.py), which `_KernelOps` drives exactly as it drives CuPy.
 
-Host syncs of the GPU path (besides those of `build_tree`'s input checks: the number of clouds
-and the finiteness of `pos`): one device-to-host copy of the per-cloud point counts and slot
-offsets (2B+1 int64), which sizes everything else (M, the plan) and gives
-`BallTree.offsets_list`. Point data never leaves the device.
+Host syncs of the GPU path: `build_tree`'s input checks read three scalars at once (whether
+`pos` is finite, the lowest and highest cloud id), and a batch of several clouds copies its
+per-cloud point counts (B int64) to the host, which size everything else (M, the plan) and give
+`BallTree.offsets_list`. Point data never leaves the device. The plan is cached by the counts,
+so repeated cloud sizes skip planning and the upload of the tables.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import pathlib
 import warnings
 
@@ -65,6 +68,10 @@ SMEM_BUDGET = 40 * 1024
 # BLOCKS_PER_SM blocks per multiprocessor; the levels above run as grid-wide launches.
 BLOCKS_PER_SM = 2
 MIN_NODE_CAP = 128
+# Below this many items a build is bound by the host's launches, not by the device (an H100,
+# 2026-11-23: 65,536 points took 1.46 ms with the cap lowered to 128, 1.29 ms without), and
+# every halving of the cap adds a level of four launches: the cap stays whole.
+LOWER_CAP_FROM_ITEMS = 1 << 18
 
 
 def cuda_sources() -> dict[str, str]:
@@ -220,10 +227,11 @@ class _KernelOps:
     emulator's module (xp=numpy); both take `kernel(grid, block, args, shared_mem=...)`."""
 
     def __init__(self, xp, module, block: int = BLOCK, items: int = ITEMS, smem_budget: int = SMEM_BUDGET,
-                 multiprocessors: int = 0):
+                 multiprocessors: int = 0, lower_cap_from: int = LOWER_CAP_FROM_ITEMS):
         self.xp = xp
         self.module = module
         self.multiprocessors = multiprocessors  # 0: do not lower the cap for parallelism
+        self.lower_cap_from = lower_cap_from
         self.block = block
         self.tile = block * items
         self.smem_budget = smem_budget
@@ -244,8 +252,11 @@ class _KernelOps:
 
     def node_cap(self, dim: int, n_items: int) -> int:
         """The small-node cap of one build of `n_items`: `block_cap`, halved (not below
-        MIN_NODE_CAP) until the small nodes give BLOCKS_PER_SM blocks per multiprocessor."""
+        MIN_NODE_CAP) until the small nodes give BLOCKS_PER_SM blocks per multiprocessor, for
+        builds of at least `lower_cap_from` items (smaller ones are bound by the host)."""
         cap = self.block_cap(dim)
+        if n_items < self.lower_cap_from:
+            return cap
         while cap > MIN_NODE_CAP and n_items // cap < BLOCKS_PER_SM * self.multiprocessors:
             cap //= 2
         return cap
@@ -331,6 +342,48 @@ def _to_host(xp, a) -> np.ndarray:
     return a.get() if xp is not np else a
 
 
+def _count_per_cloud(xp, batch, first_axis_order, num_clouds: int):
+    """int64 `(B,)` points per cloud, from the presorted ids of the first axis (sorted by cloud
+    first): where each cloud's run starts. CuPy's bincount syncs twice (its min and max), and
+    atomic counters serialize on a large cloud (16M points: +11 ms on an H100)."""
+    runs = xp.searchsorted(batch[first_axis_order], xp.arange(num_clouds + 1, dtype=batch.dtype))
+    return runs[1:] - runs[:-1]
+
+
+@functools.lru_cache(maxsize=256)
+def _flat_plan(counts: bytes, starts: bytes, slot_starts: bytes, ball_size: int, cap: int):
+    """`plan_tree`'s tables, flattened into one int64 array for one upload, and their shapes.
+    Cached by the per-cloud counts (the bytes of the int64 arrays): batches of the same cloud
+    sizes, common in training, plan once."""
+    levels, small = plan_tree(np.frombuffer(counts, np.int64), np.frombuffer(starts, np.int64),
+                              np.frombuffer(slot_starts, np.int64), ball_size, cap)
+    flat = np.concatenate([t.ravel() for t in levels] + [small.ravel()])
+    flat.flags.writeable = False
+    return flat, tuple(t.shape for t in [*levels, small])
+
+
+# Device copies of cached plans, by (device, stream, plan): read-only tables, so a repeated
+# plan skips its upload. Keyed by stream as well, so a plan is only read on the stream whose
+# copy wrote it.
+_DEVICE_PLANS: collections.OrderedDict = collections.OrderedDict()
+_DEVICE_PLANS_MAX = 64
+
+
+def _device_plan(xp, flat: np.ndarray):
+    if xp is np:
+        return flat
+    key = (xp.cuda.Device().id, xp.cuda.get_current_stream().ptr, id(flat))
+    hit = _DEVICE_PLANS.get(key)
+    if hit is not None and hit[0] is flat:
+        _DEVICE_PLANS.move_to_end(key)
+        return hit[1]
+    device = xp.asarray(flat)
+    _DEVICE_PLANS[key] = (flat, device)  # holding `flat` keeps its id from being reused
+    while len(_DEVICE_PLANS) > _DEVICE_PLANS_MAX:
+        _DEVICE_PLANS.popitem(last=False)
+    return device
+
+
 def _argsort(xp, a):
     # CuPy's argsort is always stable (thrust stable_sort_by_key) and takes no `kind`.
     return np.argsort(a, kind="stable") if xp is np else xp.argsort(a)
@@ -355,7 +408,10 @@ def _presort(xp, ops, coords, cloud, num_clouds: int, pos32=None):
             group = group * num_clouds + cloud[order - group * n]
         order = order[_argsort(xp, group)]
     # Sorted by axis first: row d holds flat indices d * n + id.
-    return (order.reshape(dim, n) - xp.arange(0, dim * n, n, dtype=order.dtype)[:, None]).astype(xp.int32)
+    ids = xp.empty((dim, n), dtype=xp.int32)
+    xp.subtract(order.reshape(dim, n), xp.arange(0, dim * n, n, dtype=order.dtype)[:, None], out=ids,
+                casting="unsafe")
+    return ids
 
 
 def _build_levels(xp, ops, coords, ids, counts, starts, slot_starts, ball_size, perm, mask):
@@ -366,14 +422,14 @@ def _build_levels(xp, ops, coords, ids, counts, starts, slot_starts, ball_size, 
     """
     dim, n_items = ids.shape
     cap = ops.node_cap(dim, n_items)
-    levels, small = plan_tree(counts, starts, slot_starts, ball_size, cap)
-    # All tables in one host-to-device copy.
-    flat = np.concatenate([t.ravel() for t in levels] + [small.ravel()])
-    device_flat = xp.asarray(flat)
+    flat, shapes = _flat_plan(np.asarray(counts, np.int64).tobytes(), np.asarray(starts, np.int64).tobytes(),
+                              np.asarray(slot_starts, np.int64).tobytes(), ball_size, cap)
+    device_flat = _device_plan(xp, flat)
     tables, at = [], 0
-    for t in [*levels, small]:
-        tables.append(device_flat[at:at + t.size].reshape(t.shape))
-        at += t.size
+    for shape in shapes:
+        size = shape[0] * shape[1]
+        tables.append(device_flat[at:at + size].reshape(shape))
+        at += size
     work = {"cap": cap}
     if isinstance(ops, _KernelOps):
         ntiles = -(-n_items // ops.tile)
@@ -400,23 +456,25 @@ def _build(xp, ops, pos, batch, num_clouds: int, ball_size: int, rotations: int)
     n_points, dim = pos.shape
     if n_points >= 2**31 - 1:
         raise ValueError(f"pos must have fewer than 2**31 - 1 points, got {n_points}")
-    coords = xp.ascontiguousarray(pos.T, dtype=xp.float64) + 0.0  # + 0.0 maps -0.0 to +0.0
+    coords = xp.empty((dim, n_points), dtype=xp.float64)
+    xp.add(pos.T, 0.0, out=coords)  # + 0.0 maps -0.0 to +0.0
     pos32 = xp.ascontiguousarray(pos) if pos.dtype == xp.float32 else None
     if batch is None:
         batch = xp.zeros(n_points, dtype=xp.int64)
     batch = batch.astype(xp.int64, copy=False)
-    counts = xp.bincount(batch, minlength=num_clouds)[:num_clouds].astype(xp.int64)
-    offsets = xp.zeros(num_clouds + 1, dtype=xp.int64)
-    offsets[1:] = xp.cumsum((counts + ball_size - 1) // ball_size * ball_size)
-    # The one host sync: counts and offsets size everything that follows.
-    host = _to_host(xp, xp.concatenate([counts, offsets]))
-    counts_h, offsets_h = host[:num_clouds], host[num_clouds:]
+    ids = _presort(xp, ops, coords, batch, num_clouds, pos32)
+    if num_clouds == 1:
+        counts_h = np.array([n_points], dtype=np.int64)
+    else:  # the one host sync: the per-cloud counts size everything that follows
+        counts_h = _to_host(xp, _count_per_cloud(xp, batch, ids[0], num_clouds))
+    offsets_h = np.zeros(num_clouds + 1, dtype=np.int64)
+    offsets_h[1:] = np.cumsum((counts_h + ball_size - 1) // ball_size * ball_size)
+    offsets = xp.asarray(offsets_h)
     starts_h = np.cumsum(counts_h) - counts_h
     num_slots = int(offsets_h[-1])
 
     perm = xp.zeros(num_slots, dtype=xp.int64)
     mask = xp.zeros(num_slots, dtype=xp.uint8)
-    ids = _presort(xp, ops, coords, batch, num_clouds, pos32)
     _build_levels(xp, ops, coords, ids, counts_h, starts_h, offsets_h[:-1], ball_size, perm, mask)
     ops.fill_padding(perm, mask, ball_size)
 
@@ -496,7 +554,7 @@ def build_tree_cupy(pos, batch, num_clouds: int, ball_size: int, rotations: int)
         perm=perm_t,
         mask=mask_t,
         offsets=offsets_t,
-        pos=pos.detach()[perm_t],
+        pos=torch.index_select(pos.detach(), 0, perm_t),
         ball_size=ball_size,
         rotation_perms=rotation_t,
         offsets_list=tuple(int(o) for o in offsets_h),
