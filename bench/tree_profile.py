@@ -1,6 +1,7 @@
-"""Where the time of a small CuPy tree build goes (16 x 4096 and 1 x 65,536 points): wall time
-per build with and without the small-node cap lowering, the device's kernels (torch.profiler,
-which sees CuPy's launches too) and the host's Python (cProfile). Small builds are host-bound:
+"""Where the time of a small CuPy tree build goes (16 x 4096, 1 x 65,536 and 1 x 262,144 points):
+wall time per build with and without the small-node cap lowering and with CuPy views made
+through DLPack, the device's kernels (torch.profiler, which sees CuPy's launches too) and the
+host's Python (cProfile). Small builds are host-bound:
 this shows by how much.
 
     PYTHONPATH=.:bench python3 bench/tree_profile.py --out out/
@@ -61,6 +62,14 @@ def main() -> None:
             say(f"\n## {clouds} x {points}, {label} (cap {ops.node_cap(3, clouds * points)}): "
                 f"wall {wall_ms(build):.3f} ms, CUDA events {cuda_ms(build, 50):.3f} ms")
             ops.multiprocessors = saved
+        # The CuPy views of the torch inputs and results: from pointers (the default) or
+        # through DLPack.
+        pointer_view = cupy_builder._cupy_view
+        cupy_builder._cupy_view = lambda cupy, tensor: cupy.from_dlpack(tensor)
+        build()
+        say(f"\n## {clouds} x {points}, CuPy views through DLPack: wall {wall_ms(build):.3f} ms, "
+            f"CUDA events {cuda_ms(build, 50):.3f} ms")
+        cupy_builder._cupy_view = pointer_view
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
                 build()

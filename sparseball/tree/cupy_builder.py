@@ -447,12 +447,79 @@ def _build_levels(xp, ops, coords, ids, counts, starts, slot_starts, ball_size, 
     ops.subtree(coords, ids, tables[-1], ball_size, perm, mask, work)
 
 
-def _build(xp, ops, pos, batch, num_clouds: int, ball_size: int, rotations: int):
-    """The build on arrays of `xp`. pos `(N, dim)` float32/float64, batch `(N,)` int64 or None.
+class _Outputs:
+    """Where `_build` puts its results: new arrays of `xp`."""
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    def zeros(self, shape, dtype):
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def empty(self, shape, dtype):
+        return self.xp.empty(shape, dtype=dtype)
+
+    def upload(self, host: np.ndarray):
+        return self.xp.asarray(host)
+
+
+class _TorchOutputs(_Outputs):
+    """The results allocated as torch tensors on `device` and handed to the kernels as CuPy
+    views of them, so the tree needs no DLPack exchange per result: DLPack's Python-side stream
+    bookkeeping costs more than the kernels of a small build. `tensor(view)` gives a view's
+    tensor back."""
+
+    def __init__(self, cupy, device):
+        super().__init__(cupy)
+        self.device = device
+        self._tensors = {}
+
+    def _keep(self, tensor):
+        view = _cupy_view(self.xp, tensor)
+        self._tensors[id(view)] = (view, tensor)
+        return view
+
+    def zeros(self, shape, dtype):
+        import torch
+
+        return self._keep(torch.zeros(shape, dtype=getattr(torch, np.dtype(dtype).name), device=self.device))
+
+    def empty(self, shape, dtype):
+        import torch
+
+        return self._keep(torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device=self.device))
+
+    def upload(self, host: np.ndarray):
+        import torch
+
+        # non_blocking: a blocking copy would wait for the stream (the presort queued before);
+        # from pageable memory the copy is staged at once, so `host` may go right after.
+        return self._keep(torch.from_numpy(host).to(self.device, non_blocking=True))
+
+    def tensor(self, view):
+        return self._tensors[id(view)][1]
+
+
+def _cupy_view(cupy, tensor):
+    """A CuPy array over the memory of a contiguous CUDA tensor (which the array keeps alive),
+    built from its pointer: cheaper than `cupy.from_dlpack`."""
+    shape = tuple(tensor.shape)
+    dtype = np.dtype(str(tensor.dtype).removeprefix("torch."))
+    if tensor.numel() == 0:
+        return cupy.empty(shape, dtype=dtype)
+    memory = cupy.cuda.UnownedMemory(tensor.data_ptr(), tensor.numel() * tensor.element_size(), tensor,
+                                     tensor.device.index)
+    return cupy.ndarray(shape, dtype=dtype, memptr=cupy.cuda.MemoryPointer(memory, 0))
+
+
+def _build(xp, ops, pos, batch, num_clouds: int, ball_size: int, rotations: int, outputs=None):
+    """The build on arrays of `xp`. pos `(N, dim)` float32/float64, batch `(N,)` int64 or None;
+    `outputs` allocates the results (default: `_Outputs(xp)`).
 
     Returns perm int64 `(M,)`, mask uint8 `(M,)`, offsets int64 `(B+1,)`, rotation_perms int64
     `(R, M)` (arrays of `xp`) and offsets on the host (numpy int64 `(B+1,)`).
     """
+    outputs = outputs or _Outputs(xp)
     n_points, dim = pos.shape
     if n_points >= 2**31 - 1:
         raise ValueError(f"pos must have fewer than 2**31 - 1 points, got {n_points}")
@@ -469,16 +536,16 @@ def _build(xp, ops, pos, batch, num_clouds: int, ball_size: int, rotations: int)
         counts_h = _to_host(xp, _count_per_cloud(xp, batch, ids[0], num_clouds))
     offsets_h = np.zeros(num_clouds + 1, dtype=np.int64)
     offsets_h[1:] = np.cumsum((counts_h + ball_size - 1) // ball_size * ball_size)
-    offsets = xp.asarray(offsets_h)
+    offsets = outputs.upload(offsets_h)
     starts_h = np.cumsum(counts_h) - counts_h
     num_slots = int(offsets_h[-1])
 
-    perm = xp.zeros(num_slots, dtype=xp.int64)
-    mask = xp.zeros(num_slots, dtype=xp.uint8)
+    perm = outputs.empty(num_slots, np.int64)  # every slot is written (subtree, padding)
+    mask = outputs.zeros(num_slots, np.uint8)
     _build_levels(xp, ops, coords, ids, counts_h, starts_h, offsets_h[:-1], ball_size, perm, mask)
     ops.fill_padding(perm, mask, ball_size)
 
-    rotation_perms = xp.empty((rotations, num_slots), dtype=xp.int64)
+    rotation_perms = outputs.empty((rotations, num_slots), np.int64)
     if rotations:
         slots_h = offsets_h[1:] - offsets_h[:-1]
         slot_cloud = None
@@ -528,8 +595,8 @@ def _torch_stream_for_cupy(cupy, torch_stream):
 def build_tree_cupy(pos, batch, num_clouds: int, ball_size: int, rotations: int):
     """`BallTree` of CUDA tensors built on their device, on PyTorch's current stream.
 
-    Tensors cross to CuPy and back through DLPack without copies; see the module docstring for
-    the one host sync.
+    Inputs and results are torch tensors that the kernels see through CuPy views, without
+    copies; see the module docstring for the host syncs.
     """
     import cupy
     import torch
@@ -539,22 +606,23 @@ def build_tree_cupy(pos, batch, num_clouds: int, ball_size: int, rotations: int)
     device = pos.device
     torch_stream = torch.cuda.current_stream(device)
     with cupy.cuda.Device(device.index), _torch_stream_for_cupy(cupy, torch_stream):
-        pos_cp = cupy.from_dlpack(pos.detach().contiguous())
+        pos = pos.detach().contiguous()
+        pos_cp = _cupy_view(cupy, pos)
         batch_cp = None
         if batch is not None:
-            batch_cp = cupy.from_dlpack(batch.detach().to(torch.int64).contiguous())
+            batch_cp = _cupy_view(cupy, batch.detach().to(torch.int64).contiguous())
+        outputs = _TorchOutputs(cupy, device)
         perm, mask, offsets, rotation_perms, offsets_h = _build(
-            cupy, _cupy_ops(), pos_cp, batch_cp, num_clouds, ball_size, rotations)
-        # The mask crosses DLPack as uint8 (every torch/cupy pair agrees on bytes) -> bool.
-        perm_t = torch.from_dlpack(perm)
-        mask_t = torch.from_dlpack(mask).to(torch.bool)
-        offsets_t = torch.from_dlpack(offsets)
-        rotation_t = torch.from_dlpack(rotation_perms)
+            cupy, _cupy_ops(), pos_cp, batch_cp, num_clouds, ball_size, rotations, outputs)
+        perm_t = outputs.tensor(perm)
+        mask_t = outputs.tensor(mask).view(torch.bool)  # 0/1 bytes
+        offsets_t = outputs.tensor(offsets)
+        rotation_t = outputs.tensor(rotation_perms)
     return BallTree(
         perm=perm_t,
         mask=mask_t,
         offsets=offsets_t,
-        pos=torch.index_select(pos.detach(), 0, perm_t),
+        pos=torch.index_select(pos, 0, perm_t),
         ball_size=ball_size,
         rotation_perms=rotation_t,
         offsets_list=tuple(int(o) for o in offsets_h),
