@@ -342,12 +342,13 @@ def _to_host(xp, a) -> np.ndarray:
     return a.get() if xp is not np else a
 
 
-def _count_per_cloud(xp, batch, first_axis_order, num_clouds: int):
-    """int64 `(B,)` points per cloud, from the presorted ids of the first axis (sorted by cloud
-    first): where each cloud's run starts. CuPy's bincount syncs twice (its min and max), and
-    atomic counters serialize on a large cloud (16M points: +11 ms on an H100)."""
+def _count_per_cloud(xp, batch, first_axis_order, num_clouds: int) -> np.ndarray:
+    """Host int64 `(B,)`: points per cloud, from the presorted ids of the first axis (sorted by
+    cloud first): where each cloud's run starts. The build's one host sync. CuPy's bincount syncs
+    twice (its min and max), and atomic counters serialize on a large cloud (16M points: +11 ms
+    on an H100)."""
     runs = xp.searchsorted(batch[first_axis_order], xp.arange(num_clouds + 1, dtype=batch.dtype))
-    return runs[1:] - runs[:-1]
+    return np.diff(_to_host(xp, runs))
 
 
 @functools.lru_cache(maxsize=256)
@@ -362,26 +363,32 @@ def _flat_plan(counts: bytes, starts: bytes, slot_starts: bytes, ball_size: int,
     return flat, tuple(t.shape for t in [*levels, small])
 
 
-# Device copies of cached plans, by (device, stream, plan): read-only tables, so a repeated
-# plan skips its upload. Keyed by stream as well, so a plan is only read on the stream whose
-# copy wrote it.
+# Device tables of cached plans, by (device, stream, plan): read-only, so a repeated plan skips
+# its upload. Keyed by stream as well, so a plan is only read on the stream whose copy wrote it.
 _DEVICE_PLANS: collections.OrderedDict = collections.OrderedDict()
 _DEVICE_PLANS_MAX = 64
 
 
-def _device_plan(xp, flat: np.ndarray):
-    if xp is np:
-        return flat
-    key = (xp.cuda.Device().id, xp.cuda.get_current_stream().ptr, id(flat))
-    hit = _DEVICE_PLANS.get(key)
-    if hit is not None and hit[0] is flat:
-        _DEVICE_PLANS.move_to_end(key)
-        return hit[1]
-    device = xp.asarray(flat)
-    _DEVICE_PLANS[key] = (flat, device)  # holding `flat` keeps its id from being reused
-    while len(_DEVICE_PLANS) > _DEVICE_PLANS_MAX:
-        _DEVICE_PLANS.popitem(last=False)
-    return device
+def _plan_tables(xp, flat: np.ndarray, shapes) -> list:
+    """The plan's tables as arrays of `xp`: views of one upload of `flat` (cached on a GPU)."""
+    key = None
+    if xp is not np:
+        key = (xp.cuda.Device().id, xp.cuda.get_current_stream().ptr, id(flat))
+        hit = _DEVICE_PLANS.get(key)
+        if hit is not None and hit[0] is flat:
+            _DEVICE_PLANS.move_to_end(key)
+            return hit[1]
+    device_flat = xp.asarray(flat)
+    tables, at = [], 0
+    for shape in shapes:
+        size = shape[0] * shape[1]
+        tables.append(device_flat[at:at + size].reshape(shape))
+        at += size
+    if key is not None:
+        _DEVICE_PLANS[key] = (flat, tables)  # holding `flat` keeps its id from being reused
+        while len(_DEVICE_PLANS) > _DEVICE_PLANS_MAX:
+            _DEVICE_PLANS.popitem(last=False)
+    return tables
 
 
 def _argsort(xp, a):
@@ -409,8 +416,7 @@ def _presort(xp, ops, coords, cloud, num_clouds: int, pos32=None):
         order = order[_argsort(xp, group)]
     # Sorted by axis first: row d holds flat indices d * n + id.
     ids = xp.empty((dim, n), dtype=xp.int32)
-    xp.subtract(order.reshape(dim, n), xp.arange(0, dim * n, n, dtype=order.dtype)[:, None], out=ids,
-                casting="unsafe")
+    xp.remainder(order.reshape(dim, n), n, out=ids, casting="unsafe")
     return ids
 
 
@@ -424,12 +430,7 @@ def _build_levels(xp, ops, coords, ids, counts, starts, slot_starts, ball_size, 
     cap = ops.node_cap(dim, n_items)
     flat, shapes = _flat_plan(np.asarray(counts, np.int64).tobytes(), np.asarray(starts, np.int64).tobytes(),
                               np.asarray(slot_starts, np.int64).tobytes(), ball_size, cap)
-    device_flat = _device_plan(xp, flat)
-    tables, at = [], 0
-    for shape in shapes:
-        size = shape[0] * shape[1]
-        tables.append(device_flat[at:at + size].reshape(shape))
-        at += size
+    tables = _plan_tables(xp, flat, shapes)
     work = {"cap": cap}
     if isinstance(ops, _KernelOps):
         ntiles = -(-n_items // ops.tile)
@@ -533,7 +534,7 @@ def _build(xp, ops, pos, batch, num_clouds: int, ball_size: int, rotations: int,
     if num_clouds == 1:
         counts_h = np.array([n_points], dtype=np.int64)
     else:  # the one host sync: the per-cloud counts size everything that follows
-        counts_h = _to_host(xp, _count_per_cloud(xp, batch, ids[0], num_clouds))
+        counts_h = _count_per_cloud(xp, batch, ids[0], num_clouds)
     offsets_h = np.zeros(num_clouds + 1, dtype=np.int64)
     offsets_h[1:] = np.cumsum((counts_h + ball_size - 1) // ball_size * ball_size)
     offsets = outputs.upload(offsets_h)
