@@ -93,7 +93,10 @@ def build_all() -> list[dict]:
         k_cmp, v_cmp = ops.compress(k, tree, 32), ops.compress(v, tree, 32)
         out, lse = ops.compressed_attention(q, k_cmp, v_cmp, tree, 32, sigma, 0.1)
         outs.append(out)
-        ops.select_blocks(q, k_cmp, torch.zeros_like(lse), tree, 32, 64, 64, 16, sigma, 0.1, None)
+        for keys_as_rows in (False, True):  # the default and the tuning candidate
+            _common.CONFIG_OVERRIDES["select_blocks"] = {"keys_as_rows": keys_as_rows}
+            ops.select_blocks(q, k_cmp, torch.zeros_like(lse), tree, 32, 64, 64, 16, sigma, 0.1, None)
+        _common.CONFIG_OVERRIDES.pop("select_blocks")
         indices = torch.arange(2, dtype=torch.int32).expand(M // 64, H, 2).contiguous()
         outs.append(ops.selection_attention(q, k, v, tree, indices, 64, 64, sigma, 0.1))
         torch.autograd.grad(sum(o.float().sum() for o in outs), (q, k, v, sigma))

@@ -52,9 +52,10 @@ CANDIDATES = {
         ((128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2)),
         ((64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 4, 2)),
         ((64, 256, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2)))],
-    # The merge became straight-line code after that sweep: its tiles deserve a fresh look.
-    "select_blocks": [{}] + [dict(block_n=n, warps=w, stages=s) for n, w, s in (
-        (128, 4, 3), (128, 8, 2), (64, 4, 2), (64, 4, 3), (256, 8, 2), (256, 4, 2))],
+    # Transposed logits (keys as the dot's rows: the sum over the group's rows stays inside a
+    # warp), against the default; the tiles around the default were swept on 2026-11-23.
+    "select_blocks": [{}] + [dict(keys_as_rows=True, block_n=n, warps=w, stages=s) for n, w, s in (
+        (128, 4, 2), (128, 4, 1), (128, 8, 2), (64, 4, 2), (256, 8, 2))],
 }
 
 

@@ -15,6 +15,7 @@ P >= 64 slots take the single-cloud compressed kernels; smaller P the per-row cl
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -299,9 +300,20 @@ def test_compress(dtype, data):
     check_compress(problem, data.draw(powers_of_two(problem.tree.ball_size), label="c"))
 
 
+@contextlib.contextmanager
+def launch_override(name, **override):
+    """Launch `name`'s kernels with `override` on their configuration (as bench/triton_tune.py
+    does), e.g. a variant that is a tuning candidate but not the default."""
+    _common.CONFIG_OVERRIDES[name] = override
+    try:
+        yield
+    finally:
+        _common.CONFIG_OVERRIDES.pop(name, None)
+
+
 @few
-@given(data=st.data())
-def test_select_blocks(data):
+@given(data=st.data(), keys_as_rows=st.booleans())
+def test_select_blocks(data, keys_as_rows):
     problem = data.draw(problems(data.draw(st.sampled_from(DTYPES), label="dtype"),
                                  ball_sizes=(4, 8, 16), max_cloud=32))
     P = problem.tree.ball_size
@@ -309,7 +321,8 @@ def test_select_blocks(data):
     s = data.draw(powers_of_two(P).filter(lambda s: s >= c), label="select_size")
     g = data.draw(powers_of_two(P).filter(lambda g: g >= 2), label="group_size")
     exclude = data.draw(st.none() | powers_of_two(P), label="exclude_ball_size")
-    check_select_blocks(problem, c, s, g, data.draw(st.integers(1, 6), label="top_k"), exclude)
+    with launch_override("select_blocks", keys_as_rows=keys_as_rows):
+        check_select_blocks(problem, c, s, g, data.draw(st.integers(1, 6), label="top_k"), exclude)
 
 
 # Sizes the small drawn trees never reach: balls of 128 (one-pass backward over several key
@@ -325,8 +338,10 @@ def test_large_blocks(dtype):
     check_compressed(problem, 2)
     check_selection(problem, 128, 128, 2, seed=1)
     check_compress(problem, 128)
-    check_select_blocks(problem, 1, 128, 64, 3, None)
-    check_select_blocks(problem, 4, 4, 128, 20, 128)
+    for keys_as_rows in (False, True):
+        with launch_override("select_blocks", keys_as_rows=keys_as_rows):
+            check_select_blocks(problem, 1, 128, 64, 3, None)
+            check_select_blocks(problem, 4, 4, 128, 20, 128)
     check_ball(fixed_problem([300], 256, dtype, heads=1, head_dim=16, seed=2), 256)
 
 
@@ -563,10 +578,13 @@ def test_large_against_torch_backend(dtype, points, clouds, head_dim, seed):
     _against_torch_backend("lse", lse_triton, lse, M // c, size["logits"])
 
     chosen = torch_ops.select_blocks(q, k_cmp, lse, tree, c, s, g, top_k, sigma, scale, None)
-    ours = triton_ops.select_blocks(q, k_cmp, lse, tree, c, s, g, top_k, sigma, scale, None)
-    agree = (ours == chosen).all(-1).float().mean().item()
-    assert agree > 0.99, f"select_blocks agrees with the torch backend on {agree:.4f} of rows"
-    assert ((ours[..., 1:] > ours[..., :-1]) | (ours[..., 1:] == -1)).all()
+    for keys_as_rows in (False, True):
+        with launch_override("select_blocks", keys_as_rows=keys_as_rows):
+            ours = triton_ops.select_blocks(q, k_cmp, lse, tree, c, s, g, top_k, sigma, scale, None)
+        agree = (ours == chosen).all(-1).float().mean().item()
+        assert agree > 0.99, (f"select_blocks (keys_as_rows={keys_as_rows}) agrees with the torch "
+                              f"backend on {agree:.4f} of rows")
+        assert ((ours[..., 1:] > ours[..., :-1]) | (ours[..., 1:] == -1)).all()
 
     names = ["selection/out", "selection/q", "selection/k", "selection/v", "selection/sigma"]
     both(lambda m, *x: m.selection_attention(*x[:3], tree, chosen, s, g, x[3], scale),

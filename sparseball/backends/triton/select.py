@@ -32,7 +32,7 @@ def _select_blocks_fwd_kernel(
     TOPK: tl.constexpr, KP: tl.constexpr, QROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    SPLIT_DOT: tl.constexpr,
+    SPLIT_DOT: tl.constexpr, KEYS_AS_ROWS: tl.constexpr,
 ):
     scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
     g = tl.program_id(0).to(tl.int64)
@@ -75,11 +75,20 @@ def _select_blocks_fwd_kernel(
                         mask=rows_ok[:, None] & dims_ok[None, :], other=0.0)
             lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-            s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM, HAS_SIGMA,
-                           FP32_DOT, UPCAST_DOT)
-            allowed = rreal[:, None] & kreal[None, :]
-            p = tl.exp2(tl.where(allowed, s - lse2[:, None], float("-inf")))
-            colsum += tl.sum(p, axis=0)
+            if KEYS_AS_ROWS:
+                # Logits transposed, [keys, rows]: the sum over the group's rows then runs
+                # along each key's row of the dot's tile, inside a warp, not across warps.
+                st, _ = _logits(k, q, qk_scale, sig, CENTERS, keys, keys_ok, POS, rows, rows_ok, DIM,
+                                HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+                allowed = kreal[:, None] & rreal[None, :]
+                pt = tl.exp2(tl.where(allowed, st - lse2[None, :], float("-inf")))
+                colsum += tl.sum(pt, axis=1)
+            else:
+                s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM,
+                               HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+                allowed = rreal[:, None] & kreal[None, :]
+                p = tl.exp2(tl.where(allowed, s - lse2[:, None], float("-inf")))
+                colsum += tl.sum(p, axis=0)
         importance = tl.sum(tl.reshape(colsum, (NW, R)), axis=1)
         blocks = start // R + tl.arange(0, NW)
         blocks_ok = blocks < hi // R
@@ -113,10 +122,13 @@ def select_blocks_op(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, po
     qrows = min(group_size, 64)
     per_block = select_size // compress_size
     # BLOCK_N compressed keys per chunk: whole selection blocks (a multiple of per_block).
+    # keys_as_rows: the transposed logits (see the kernel); not yet measured on a GPU, so off
+    # by default and a candidate of bench/triton_tune.py.
     if q.dtype == torch.float32 or D > 64:
-        default = dict(block_n=64, warps=8, stages=1 if q.dtype == torch.float32 else 2)
+        default = dict(block_n=64, warps=8, stages=1 if q.dtype == torch.float32 else 2,
+                       keys_as_rows=False)
     else:  # bench/triton_tune.py on an H100 (2026-11-23), 256k points: 28.8 -> 22.3 ms
-        default = dict(block_n=128, warps=4, stages=2)
+        default = dict(block_n=128, warps=4, stages=2, keys_as_rows=False)
     cfg = launch_config("select_blocks", default)
     wrap_triton(_select_blocks_fwd_kernel)[(M // group_size, H)](
         q, k_cmp, lse, pos, centers, mask, cblock_real, sblock_real, cloud_lo, cloud_hi,
@@ -125,7 +137,7 @@ def select_blocks_op(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, po
         D=D, DIM=pos.shape[1], CS=compress_size, SS=select_size, GS=group_size,
         TOPK=top_k, KP=max(16, triton.next_power_of_2(top_k)), QROWS=qrows,
         BLOCK_M=max(qrows, 16), BLOCK_N=max(cfg["block_n"], per_block), BLOCK_D=block_d(D),
-        HAS_SIGMA=sigma is not None, **dot_modes(q.dtype),
+        HAS_SIGMA=sigma is not None, **dot_modes(q.dtype), KEYS_AS_ROWS=cfg["keys_as_rows"],
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     return out
