@@ -8,7 +8,8 @@
 #   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, triton, tree, profile
 # Step time limits: TESTS_LIMIT, DEMO_LIMIT, TORCH_LIMIT, TUNE_LIMIT, TRITON_LIMIT, TREE_LIMIT,
 # PROFILE_LIMIT (seconds).
-# On an H100 (2026-11-23): tests ~240 s, triton ~200 s, tree ~120 s, tune ~280 s; the device
+# On an H100 (2026-11-23): tests ~220 s, triton ~200 s, tree ~100 s, profile ~30 s, tune ~280 s
+# (TUNE_ARGS="--only select_blocks": ~60 s); the device
 # tool allows 600 s per call, so split: `bash bench/gpu.sh tests tree`, then
 # `bash bench/gpu.sh triton demo` (carry .whl for the peers).
 set -uo pipefail
@@ -39,7 +40,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RES
 step tests "${TESTS_LIMIT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} tests
 step demo "${DEMO_LIMIT:-120}" python3 -m sparseball demo
 step torch "${TORCH_LIMIT:-240}" python3 bench/torch_backend.py --out "$RESULTS"
-step tune "${TUNE_LIMIT:-330}" python3 bench/triton_tune.py --out "$RESULTS"
+# TUNE_ARGS: more arguments of bench/triton_tune.py, e.g. "--only select_blocks"
+# shellcheck disable=SC2086
+step tune "${TUNE_LIMIT:-330}" python3 bench/triton_tune.py --out "$RESULTS" ${TUNE_ARGS:-}
 [[ -f bench/triton_ops.py ]] && step triton "${TRITON_LIMIT:-200}" python3 bench/triton_ops.py --out "$RESULTS"
 [[ -f bench/tree_gpu.py ]] && step tree "${TREE_LIMIT:-150}" python3 bench/tree_gpu.py --out "$RESULTS"
 step profile "${PROFILE_LIMIT:-120}" python3 bench/tree_profile.py --out "$RESULTS"
