@@ -32,9 +32,12 @@ HEADS, HEAD_DIM, BALL = 8, 64, 128
 # Around the defaults the 2026-11-23 H100 sweep chose (first sweep: bench/results/
 # triton_tune_h100.json); the default's own row comes first, as the reference.
 CANDIDATES = {
+    # A ball of 128 is two key tiles of 64: pipelining has little to overlap inside a program,
+    # so residency (shared memory per program: stages; warps per program) is the lever.
     "ball_fwd": [{}] + [dict(block_m=m, block_n=n, warps=w, stages=s) for m, n, w, s in (
         (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2),
-        (64, 128, 4, 2))],
+        (64, 128, 4, 2), (128, 64, 8, 2), (128, 64, 4, 1), (128, 64, 8, 1), (64, 64, 4, 1),
+        (128, 128, 8, 1))],
     "ball_bwd": [{}] + [dict(one_pass=o, rows=r, block_n=n, warps=w, stages=s) for o, r, n, w, s in (
         (True, 128, 128, 4, 1), (True, 128, 64, 8, 2), (True, 128, 128, 8, 2),
         (False, 64, 0, 4, 2), (False, 64, 0, 4, 3))],
