@@ -134,6 +134,22 @@ def test_emulated_kernels_match_numpy(emu_ops, inputs):
 
 
 @needs_gxx
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=6), st.integers(0, 2**32 - 1))
+def test_emulated_cloud_starts(emu_ops, sizes, seed):
+    # Where each cloud's run starts in an order grouped by cloud, empty clouds anywhere
+    # (first, last, several in a row) included.
+    if sum(sizes) == 0:
+        sizes[0] = 1
+    rng = np.random.default_rng(seed)
+    cloud = rng.permutation(np.repeat(np.arange(len(sizes)), sizes)).astype(np.int64)
+    order = np.argsort(cloud, kind="stable").astype(np.int32)
+    got = emu_ops.cloud_starts(cloud, order, len(sizes))
+    want = np.concatenate([[0], np.cumsum(sizes)])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(cupy_builder.NumpyOps().cloud_starts(cloud, order, len(sizes)), want)
+
+
+@needs_gxx
 def test_emulated_kernels_full_launch_shape():
     # The launch shape the GPU uses (256 x 8), on nodes larger than a tile (global levels) and on
     # small ones, many clouds, 3-D, with a rotation.

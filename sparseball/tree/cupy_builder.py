@@ -28,9 +28,9 @@ level down to single items) or, in the tests, the same CUDA source on the CPU th
 emulator (tests/cuda_emu.py), which `_KernelOps` drives exactly as it drives CuPy.
 
 Host syncs of the GPU path: `build_tree`'s input checks read three scalars at once (whether
-`pos` is finite, the lowest and highest cloud id), and a batch of several clouds copies its
-per-cloud point counts (B int64) to the host, which size everything else (M, the plan) and give
-`BallTree.offsets_list`. Point data never leaves the device. The plan is cached by the counts,
+`pos` is finite, the lowest and highest cloud id), and a batch of several clouds copies where
+each cloud starts in the presorted order (B+1 int64, sb_cloud_starts) to the host: the per-cloud
+counts, which size everything else (M, the plan) and give `BallTree.offsets_list`. Point data never leaves the device. The plan is cached by the counts,
 so repeated cloud sizes skip planning and the upload of the tables.
 """
 
@@ -188,6 +188,10 @@ class NumpyOps:
         perm[slot + size - 1] = ids[0, lo]
         mask[slot + size - 1] = 1
 
+    def cloud_starts(self, cloud, order, num_clouds: int):
+        """int64 `(B+1,)`: where each cloud's run starts in `order`; see sb_cloud_starts."""
+        return np.searchsorted(cloud[order], np.arange(num_clouds + 1, dtype=cloud.dtype))
+
     def fill_padding(self, perm, mask, ball_size) -> None:
         j = np.flatnonzero(mask == 0)
         c = 2
@@ -291,6 +295,13 @@ class _KernelOps:
              work["local_of"], perm, mask),
             shared_mem=subtree_smem_bytes(cap, dim) if cap >= 2 else 0)
 
+    def cloud_starts(self, cloud, order, num_clouds: int):
+        n = order.shape[0]
+        starts = self.xp.empty(num_clouds + 1, dtype=self.xp.int64)
+        self._kernel("sb_cloud_starts")((-(-(n + 1) // self.block),), (self.block,),
+                                        (cloud, order, np.int32(n), np.int32(num_clouds), starts))
+        return starts
+
     def fill_padding(self, perm, mask, ball_size) -> None:
         m = perm.shape[0]
         self._kernel("sb_fill_padding")(
@@ -342,13 +353,12 @@ def _to_host(xp, a) -> np.ndarray:
     return a.get() if xp is not np else a
 
 
-def _count_per_cloud(xp, batch, first_axis_order, num_clouds: int) -> np.ndarray:
-    """Host int64 `(B,)`: points per cloud, from the presorted ids of the first axis (sorted by
-    cloud first): where each cloud's run starts. The build's one host sync. CuPy's bincount syncs
+def _count_per_cloud(xp, ops, batch, first_axis_order, num_clouds: int) -> np.ndarray:
+    """Host int64 `(B,)`: points per cloud, from the presorted ids of the first axis (grouped by
+    cloud): where each cloud's run starts. The build's one host sync. CuPy's bincount syncs
     twice (its min and max), and atomic counters serialize on a large cloud (16M points: +11 ms
     on an H100)."""
-    runs = xp.searchsorted(batch[first_axis_order], xp.arange(num_clouds + 1, dtype=batch.dtype))
-    return np.diff(_to_host(xp, runs))
+    return np.diff(_to_host(xp, ops.cloud_starts(batch, first_axis_order, num_clouds)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -534,7 +544,7 @@ def _build(xp, ops, pos, batch, num_clouds: int, ball_size: int, rotations: int,
     if num_clouds == 1:
         counts_h = np.array([n_points], dtype=np.int64)
     else:  # the one host sync: the per-cloud counts size everything that follows
-        counts_h = _count_per_cloud(xp, batch, ids[0], num_clouds)
+        counts_h = _count_per_cloud(xp, ops, batch, ids[0], num_clouds)
     offsets_h = np.zeros(num_clouds + 1, dtype=np.int64)
     offsets_h[1:] = np.cumsum((counts_h + ball_size - 1) // ball_size * ball_size)
     offsets = outputs.upload(offsets_h)

@@ -348,6 +348,19 @@ extern "C" __global__ void sb_sort_keys_f32(const float* __restrict__ pos, const
     keys[t] = ((sb_u64)d << axis_shift) | ((sb_u64)cloud[i] << 32) | (sb_u64)bits;
 }
 
+// One thread per position p of `order` (the presorted ids of one axis, grouped by cloud in
+// increasing cloud id) and one more: starts[c] = the first position of cloud c; a cloud without
+// points starts where the next one does; starts[num_clouds] = n. Thread p writes the starts of
+// the clouds after its predecessor's cloud up to its own, so each entry is written once.
+extern "C" __global__ void sb_cloud_starts(const sb_i64* __restrict__ cloud, const int* __restrict__ order,
+                                           int n, int num_clouds, sb_i64* __restrict__ starts) {
+    const sb_i64 p = (sb_i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (p > n) return;
+    const sb_i64 here = p < n ? cloud[order[p]] : (sb_i64)num_clouds;
+    const sb_i64 before = p > 0 ? cloud[order[p - 1]] : -1;
+    for (sb_i64 c = before + 1; c <= here; ++c) starts[c] = p;
+}
+
 // ---------------------------------------------------------------------------------------------
 // One thread per slot: a padding slot repeats the first real slot of the smallest aligned block
 // that holds one. That block holds exactly one real item and it sits at the block's last slot
