@@ -30,8 +30,9 @@ emulator (tests/cuda_emu.py), which `_KernelOps` drives exactly as it drives CuP
 Host syncs of the GPU path: `build_tree`'s input checks read three scalars at once (whether
 `pos` is finite, the lowest and highest cloud id), and a batch of several clouds copies where
 each cloud starts in the presorted order (B+1 int64, sb_cloud_starts) to the host: the per-cloud
-counts, which size everything else (M, the plan) and give `BallTree.offsets_list`. Point data never leaves the device. The plan is cached by the counts,
-so repeated cloud sizes skip planning and the upload of the tables.
+counts, which size everything else (M, the plan) and give `BallTree.offsets_list`. Point data
+never leaves the device. The plan is cached by the counts, so repeated cloud sizes skip planning
+and the upload of the tables.
 """
 
 from __future__ import annotations
