@@ -50,6 +50,22 @@ DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Trees
 
 
+def random_indices(tree, heads: int, select_size: int, group_size: int, top_k: int, rng):
+    """int32 `(M/g, H, top_k)` on the tree's device: per group and head, distinct blocks of the
+    group's cloud (with a real slot or not) in random order, with -1 in random places."""
+    cloud = tree.slot_cloud.cpu()
+    num_groups = tree.num_slots // group_size
+    out = np.full((num_groups, heads, top_k), -1)
+    block_cloud = cloud[::select_size].numpy()
+    for group in range(num_groups):
+        blocks = np.flatnonzero(block_cloud == int(cloud[group * group_size]))
+        for head in range(heads):
+            count = rng.integers(0, min(top_k, blocks.size) + 1)
+            places = rng.choice(top_k, size=count, replace=False)
+            out[group, head, places] = rng.choice(blocks, size=count, replace=False)
+    return torch.from_numpy(out).to(torch.int32).to(tree.device)
+
+
 def random_tree(cloud_sizes, ball_size: int, dim: int, pos_dtype: torch.dtype,
                 rng: np.random.Generator) -> BallTree:
     """A `BallTree` laid out as the contract says, with real slots placed at random.

@@ -30,6 +30,7 @@ from helpers import (
     leaves,
     powers_of_two,
     problems,
+    random_indices,
     random_tree,
     tolerance,
 )
@@ -57,23 +58,6 @@ def _tree_on(device, tree):
 def _to(where, *tensors):
     """`tensors` moved to a device or cast to a dtype (None stays None)."""
     return [None if t is None else t.to(where) for t in tensors]
-
-
-def _random_indices(problem, select_size, group_size, top_k, rng):
-    """int32 `(M/g, H, top_k)`: per group and head, distinct blocks of the group's cloud (with a
-    real slot or not) in random order, with -1 in random places."""
-    tree = problem.tree
-    cloud = tree.slot_cloud
-    num_groups = tree.num_slots // group_size
-    out = np.full((num_groups, problem.heads, top_k), -1)
-    block_cloud = cloud[::select_size].numpy()
-    for group in range(num_groups):
-        blocks = np.flatnonzero(block_cloud == int(cloud[group * group_size]))
-        for head in range(problem.heads):
-            count = rng.integers(0, min(top_k, blocks.size) + 1)
-            places = rng.choice(top_k, size=count, replace=False)
-            out[group, head, places] = rng.choice(blocks, size=count, replace=False)
-    return torch.from_numpy(out).to(torch.int32)
 
 
 def _selection_sizes(data, P):
@@ -187,7 +171,7 @@ def test_selection_attention(backend, device, dtype, data):
     _, s, g = _selection_sizes(data, tree.ball_size)
     top_k = data.draw(st.integers(1, 5), label="top_k")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="index seed"))
-    indices = _random_indices(problem, s, g, top_k, rng)
+    indices = random_indices(problem.tree, problem.heads, s, g, top_k, rng)
     q, k, v, sigma = (problem.slot_tensor(), problem.slot_tensor(), problem.slot_tensor(),
                       problem.sigma())
     grad_out = problem.slot_tensor()

@@ -32,6 +32,7 @@ from helpers import (
     attention_magnitudes,
     grads,
     leaves,
+    random_indices,
     random_tree,
     tolerance,
 )
@@ -132,22 +133,6 @@ def fixed_problem(sizes, P, dtype, heads=2, head_dim=16, seed=0, with_sigma=True
                    device)
 
 
-def random_indices(problem, select_size, group_size, top_k, rng):
-    """int32 `(M/g, H, top_k)`: distinct blocks of the group's cloud in random order, -1 in
-    random places."""
-    cloud = problem.tree.slot_cloud.cpu()
-    num_groups = problem.tree.num_slots // group_size
-    out = np.full((num_groups, problem.heads, top_k), -1)
-    block_cloud = cloud[::select_size].numpy()
-    for group in range(num_groups):
-        blocks = np.flatnonzero(block_cloud == int(cloud[group * group_size]))
-        for head in range(problem.heads):
-            count = rng.integers(0, min(top_k, blocks.size) + 1)
-            places = rng.choice(top_k, size=count, replace=False)
-            out[group, head, places] = rng.choice(blocks, size=count, replace=False)
-    return torch.from_numpy(out).to(torch.int32).to(problem.device)
-
-
 def powers_of_two(up_to):
     return st.sampled_from([1 << i for i in range(up_to.bit_length()) if 1 << i <= up_to])
 
@@ -209,7 +194,7 @@ def check_compressed(problem, c, magnitude_factor=1.0):
 
 def check_selection(problem, s, g, top_k, seed, magnitude_factor=1.0):
     tree = problem.tree
-    indices = random_indices(problem, s, g, top_k, np.random.default_rng(seed))
+    indices = random_indices(problem.tree, problem.heads, s, g, top_k, np.random.default_rng(seed))
     inputs = leaves(problem.slots(), problem.slots(), problem.slots(), problem.sigma_value)
     reference = leaves(*(None if t is None else t.double() for t in inputs))
     q, k, v, sigma = inputs
@@ -381,7 +366,7 @@ def test_backward_keeps_the_output_only_when_it_reads_it(dtype):
     q, k, v = leaves(problem.slots(), problem.slots(), problem.slots())
     k_cmp, v_cmp = leaves(problem.randn(tree.num_slots // 4, 2, 16),
                           problem.randn(tree.num_slots // 4, 2, 16))
-    indices = random_indices(problem, 8, 8, 3, np.random.default_rng(4))
+    indices = random_indices(problem.tree, problem.heads, 8, 8, 3, np.random.default_rng(4))
     runs = {
         "ball": lambda: ops.ball_attention(q, k, v, tree, 16, None, scale, backend="triton"),
         "compressed": lambda: ops.compressed_attention(q, k_cmp, v_cmp, tree, 4, None, scale,
