@@ -354,14 +354,6 @@ def _to_host(xp, a) -> np.ndarray:
     return a.get() if xp is not np else a
 
 
-def _count_per_cloud(xp, ops, batch, first_axis_order, num_clouds: int) -> np.ndarray:
-    """Host int64 `(B,)`: points per cloud, from the presorted ids of the first axis (grouped by
-    cloud): where each cloud's run starts. The build's one host sync. CuPy's bincount syncs
-    twice (its min and max), and atomic counters serialize on a large cloud (16M points: +11 ms
-    on an H100)."""
-    return np.diff(_to_host(xp, ops.cloud_starts(batch, first_axis_order, num_clouds)))
-
-
 @functools.lru_cache(maxsize=256)
 def _flat_plan(counts: bytes, starts: bytes, slot_starts: bytes, ball_size: int, cap: int):
     """`plan_tree`'s tables, flattened into one int64 array for one upload, and their shapes.
@@ -491,15 +483,17 @@ class _TorchOutputs(_Outputs):
         self._tensors[id(view)] = (view, tensor)
         return view
 
-    def zeros(self, shape, dtype):
+    def _new(self, factory: str, shape, dtype):
         import torch
 
-        return self._keep(torch.zeros(shape, dtype=getattr(torch, np.dtype(dtype).name), device=self.device))
+        dtype = getattr(torch, np.dtype(dtype).name)
+        return self._keep(getattr(torch, factory)(shape, dtype=dtype, device=self.device))
+
+    def zeros(self, shape, dtype):
+        return self._new("zeros", shape, dtype)
 
     def empty(self, shape, dtype):
-        import torch
-
-        return self._keep(torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device=self.device))
+        return self._new("empty", shape, dtype)
 
     def upload(self, host: np.ndarray):
         import torch
@@ -544,8 +538,12 @@ def _build(xp, ops, pos, batch, num_clouds: int, ball_size: int, rotations: int,
     ids = _presort(xp, ops, coords, batch, num_clouds, pos32)
     if num_clouds == 1:
         counts_h = np.array([n_points], dtype=np.int64)
-    else:  # the one host sync: the per-cloud counts size everything that follows
-        counts_h = _count_per_cloud(xp, ops, batch, ids[0], num_clouds)
+    else:
+        # The one host sync: the per-cloud counts size everything that follows. They come from
+        # where each cloud starts in the first axis's presorted ids (grouped by cloud): CuPy's
+        # bincount syncs twice (its min and max), and atomic counters serialize on a large
+        # cloud (16M points: +11 ms on an H100).
+        counts_h = np.diff(_to_host(xp, ops.cloud_starts(batch, ids[0], num_clouds)))
     offsets_h = np.zeros(num_clouds + 1, dtype=np.int64)
     offsets_h[1:] = np.cumsum((counts_h + ball_size - 1) // ball_size * ball_size)
     offsets = outputs.upload(offsets_h)
