@@ -24,7 +24,7 @@ import time
 import torch
 
 import sparseball
-from sparseball.tree import cupy_builder
+from sparseball.tree import cupy_builder, cupy_graphs
 
 BALL_SIZE = 128
 CASES = (("1 x 1,048,576", 1, 1 << 20), ("16 x 4096", 16, 4096), ("64 x 16384", 64, 16384))
@@ -97,6 +97,10 @@ def measure(name, num_clouds, points, erwin, repeats, with_numba=True, with_erwi
     tree = cupy_build()
     row["slots"] = tree.num_slots
     row["cupy_ms"] = cuda_ms(cupy_build, repeats)
+    if num_clouds * points <= cupy_graphs.MAX_POINTS:  # repeated sizes replay a CUDA graph
+        cupy_graphs.ENABLED = False
+        row["cupy_no_graph_ms"] = cuda_ms(cupy_build, repeats)
+        cupy_graphs.ENABLED = True
     # The builder alone, without build_tree's input checks (finiteness, batch min/max syncs).
     row["cupy_core_ms"] = cuda_ms(
         lambda: cupy_builder.build_tree_cupy(pos, batch, num_clouds, BALL_SIZE, 0), repeats)
@@ -166,13 +170,14 @@ def main() -> None:
     (args.out / "tree_gpu.json").write_text(json.dumps(record, indent=2))
 
     def table(rows):
-        lines = ["| clouds x points | slots | cupy ms | cupy builder only ms | cupy ms (1 rotation) | "
-                 "numba ms | erwin ms | cupy vs numba | identical (R=0, R=1) |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| clouds x points | slots | cupy ms | cupy ms, no graph | cupy builder only ms | "
+                 "cupy ms (1 rotation) | numba ms | erwin ms | cupy vs numba | identical (R=0, R=1) |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             speedup = r["numba_ms"] / r["cupy_ms"] if "numba_ms" in r else None
             lines.append(
-                f"| {r['case']} | {r['slots']:,} | {fmt(r['cupy_ms'])} | {fmt(r['cupy_core_ms'])} | "
+                f"| {r['case']} | {r['slots']:,} | {fmt(r['cupy_ms'])} | {fmt(r.get('cupy_no_graph_ms'))} | "
+                f"{fmt(r['cupy_core_ms'])} | "
                 f"{fmt(r['cupy_rot1_ms'])} | "
                 f"{fmt(r.get('numba_ms'), 1)} | {fmt(r.get('erwin_ms'), 1)} | "
                 f"{fmt(speedup, 1)}x | {fmt(r.get('identical'))}, {fmt(r.get('identical_rot1'))} |")
@@ -182,7 +187,9 @@ def main() -> None:
         f"# Tree builders ({record['gpu']}, {record['date']})",
         "",
         f"Ball size {BALL_SIZE}, 3-D float32 points uniform in the unit cube. CuPy: CUDA-event time "
-        "of warm `build_tree(..., backend=\"cupy\")` on CUDA tensors (median). Numba: wall time from "
+        "of warm `build_tree(..., backend=\"cupy\")` on CUDA tensors (median; builds of up to "
+        f"{cupy_graphs.MAX_POINTS:,} points replay a CUDA graph from the second build of a size on, "
+        "'no graph' builds them eagerly). Numba: wall time from "
         f"CPU tensors, {record['numba_threads']} threads. Erwin (balltree-erwin): wall time from "
         f"CUDA tensors; {record['erwin']}.",
         "",

@@ -1,8 +1,8 @@
 """Where the time of a small CuPy tree build goes (16 x 4096, 1 x 65,536 and 1 x 262,144 points):
-wall time per build with and without the small-node cap lowering and with CuPy views made
-through DLPack, the device's kernels (torch.profiler, which sees CuPy's launches too) and the
-host's Python (cProfile). Small builds are host-bound:
-this shows by how much.
+wall time per build (a replayed CUDA graph, the default for repeated sizes) with and without
+the small-node cap lowering, with CuPy views made through DLPack and without the graph; the
+device's kernels (torch.profiler, which sees CuPy's launches too) and the host's Python
+(cProfile). Small builds are host-bound: this shows by how much.
 
     PYTHONPATH=.:bench python3 bench/tree_profile.py --out out/
 """
@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from tree_gpu import cuda_ms, inputs
 
 import sparseball
-from sparseball.tree import cupy_builder
+from sparseball.tree import cupy_builder, cupy_graphs
 
 CASES = ((16, 4096), (1, 1 << 16), (1, 1 << 18))
 
@@ -58,10 +58,12 @@ def main() -> None:
         for label, multiprocessors in (("cap lowered for the SMs", ops.multiprocessors),
                                        ("largest cap", 0)):
             saved, ops.multiprocessors = ops.multiprocessors, multiprocessors
+            cupy_graphs.clear()  # a graph holds the cap it was captured with
             build()
             say(f"\n## {clouds} x {points}, {label} (cap {ops.node_cap(3, clouds * points)}): "
                 f"wall {wall_ms(build):.3f} ms, CUDA events {cuda_ms(build, 50):.3f} ms")
             ops.multiprocessors = saved
+            cupy_graphs.clear()
         # The CuPy views of the torch inputs and results: from pointers (the default) or
         # through DLPack.
         pointer_view = cupy_builder._cupy_view
@@ -70,6 +72,11 @@ def main() -> None:
         say(f"\n## {clouds} x {points}, CuPy views through DLPack: wall {wall_ms(build):.3f} ms, "
             f"CUDA events {cuda_ms(build, 50):.3f} ms")
         cupy_builder._cupy_view = pointer_view
+        cupy_graphs.ENABLED = False
+        build()
+        say(f"\n## {clouds} x {points}, no CUDA graph: wall {wall_ms(build):.3f} ms, "
+            f"CUDA events {cuda_ms(build, 50):.3f} ms")
+        cupy_graphs.ENABLED = True
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
                 build()

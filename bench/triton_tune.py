@@ -29,15 +29,14 @@ from sparseball.backends.triton import _common, ops  # noqa: E402
 HEADS, HEAD_DIM, BALL = 8, 64, 128
 
 # name -> candidate overrides; the first is the code's default (empty override).
-# Around the defaults the 2026-11-23 H100 sweep chose (first sweep: bench/results/
-# triton_tune_h100.json); the default's own row comes first, as the reference.
+# Around the defaults the 2026-11-23 H100 sweeps chose (bench/results/triton_tune_h100.json,
+# then triton_tune_h100_second.json); the default's own row comes first, as the reference.
 CANDIDATES = {
-    # A ball of 128 is two key tiles of 64: pipelining has little to overlap inside a program,
-    # so residency (shared memory per program: stages; warps per program) is the lever.
+    # A ball of 128 is two key tiles of 64: little to overlap inside a program, yet 3 stages
+    # beat 2 (2.53 vs 3.10 ms at 1M points); residency (stages, warps per program) is the lever.
     "ball_fwd": [{}] + [dict(block_m=m, block_n=n, warps=w, stages=s) for m, n, w, s in (
-        (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2),
-        (64, 128, 4, 2), (128, 64, 8, 2), (128, 64, 4, 1), (128, 64, 8, 1), (64, 64, 4, 1),
-        (128, 128, 8, 1))],
+        (128, 64, 4, 2), (128, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 2), (128, 64, 8, 3),
+        (64, 64, 4, 3), (128, 64, 4, 1))],
     "ball_bwd": [{}] + [dict(one_pass=o, rows=r, block_n=n, warps=w, stages=s) for o, r, n, w, s in (
         (True, 128, 128, 4, 1), (True, 128, 64, 8, 2), (True, 128, 128, 8, 2),
         (False, 64, 0, 4, 2), (False, 64, 0, 4, 3))],
@@ -56,9 +55,9 @@ CANDIDATES = {
         ((64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 4, 2)),
         ((64, 256, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2)))],
     # Transposed logits (keys as the dot's rows: the sum over the group's rows stays inside a
-    # warp), against the default; the tiles around the default were swept on 2026-11-23.
-    "select_blocks": [{}] + [dict(keys_as_rows=True, block_n=n, warps=w, stages=s) for n, w, s in (
-        (128, 4, 2), (128, 4, 1), (128, 8, 2), (64, 4, 2), (256, 8, 2))],
+    # warp; the default since the second sweep, 22.5 -> 14.3 ms) against the row-major logits.
+    "select_blocks": [{}] + [dict(keys_as_rows=k, block_n=n, warps=w, stages=s) for k, n, w, s in (
+        (False, 128, 4, 2), (True, 128, 4, 2), (True, 64, 4, 1), (True, 128, 8, 1), (True, 256, 4, 1))],
 }
 
 

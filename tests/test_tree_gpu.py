@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import sparseball
 from reference.tree import build_tree_reference
-from sparseball.tree import cupy_builder
+from sparseball.tree import cupy_builder, cupy_graphs
 
 HAS_NUMBA_BUILDER = importlib.util.find_spec("sparseball.tree.numba_builder") is not None
 FIELDS = ("perm", "mask", "offsets", "rotation_perms")
@@ -313,6 +313,70 @@ def test_gpu_repeated_builds_are_identical():
         again = sparseball.build_tree(pos, batch, ball_size=128, rotations=1, backend="cupy")
         _assert_same([again.perm, again.mask, again.offsets, again.rotation_perms],
                      [first.perm, first.mask, first.offsets, first.rotation_perms])
+
+
+@pytest.fixture
+def no_graphs_cached():
+    cupy_graphs.clear()
+    yield
+    cupy_graphs.clear()
+
+
+def _tree_fields(tree):
+    return [tree.perm, tree.mask, tree.offsets, tree.rotation_perms]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, batch_dtype, rotations, ball_size, sizes", [
+    (np.float32, torch.int64, 0, 128, [4096] * 16),
+    (np.float32, torch.int32, 2, 32, [301, 0, 1, 4000, 77]),
+    (np.float64, None, 1, 8, [5000]),
+    (np.float64, torch.int64, 1, 64, [20_000, 3, 30_000]),
+])
+def test_gpu_graph_replays_match_numba(no_graphs_cached, dtype, batch_dtype, rotations, ball_size, sizes):
+    # The same cloud sizes four times, new positions and point order each time: the first build
+    # runs eagerly, the second captures a graph, the others replay it. Every tree is checked
+    # against the Numba builder's after all four (a replay must not overwrite an earlier tree).
+    rng = np.random.default_rng(sum(sizes) + rotations)
+    built = []
+    for step in range(4):
+        batch = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+        pos = torch.from_numpy(_make_pos(rng, batch.size, 3, "normal" if step % 2 else "grid", dtype))
+        batch_t = None if batch_dtype is None else torch.from_numpy(batch).to(batch_dtype)
+        got = sparseball.build_tree(pos.cuda(), None if batch_t is None else batch_t.cuda(),
+                                    ball_size=ball_size, rotations=rotations, backend="cupy")
+        want = sparseball.build_tree(pos, batch_t, ball_size=ball_size, rotations=rotations, backend="numba")
+        built.append((got, want))
+        assert len(cupy_graphs._GRAPHS) == int(step >= 1) and not cupy_graphs._FAILED
+    for got, want in built:
+        _assert_same(_tree_fields(got), _tree_fields(want))
+        assert got.offsets_list == want.offsets_list
+        torch.testing.assert_close(got.pos.cpu(), want.pos, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_per_stream_and_switched_off(no_graphs_cached, monkeypatch):
+    # One graph per stream (a replay writes the graph's static buffers); ENABLED = False builds
+    # eagerly; both give the Numba builder's tree.
+    rng = np.random.default_rng(8)
+    batch = torch.from_numpy(rng.integers(0, 6, 9000))
+    pos = torch.from_numpy(rng.normal(size=(9000, 2)).astype(np.float32))
+    want = sparseball.build_tree(pos, batch, ball_size=16, backend="numba")
+    streams = [torch.cuda.current_stream(), torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in streams:
+        with torch.cuda.stream(stream):
+            trees = [sparseball.build_tree(pos.cuda(), batch.cuda(), ball_size=16, backend="cupy")
+                     for _ in range(3)]
+        stream.synchronize()
+        for tree in trees:
+            _assert_same(_tree_fields(tree), _tree_fields(want))
+    assert len(cupy_graphs._GRAPHS) == len(streams)
+    monkeypatch.setattr(cupy_graphs, "ENABLED", False)
+    cupy_graphs.clear()
+    for _ in range(3):
+        tree = sparseball.build_tree(pos.cuda(), batch.cuda(), ball_size=16, backend="cupy")
+        _assert_same(_tree_fields(tree), _tree_fields(want))
+    assert not cupy_graphs._GRAPHS
 
 
 @pytest.mark.gpu

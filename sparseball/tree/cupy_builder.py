@@ -28,11 +28,12 @@ level down to single items) or, in the tests, the same CUDA source on the CPU th
 emulator (tests/cuda_emu.py), which `_KernelOps` drives exactly as it drives CuPy.
 
 Host syncs of the GPU path: `build_tree`'s input checks read three scalars at once (whether
-`pos` is finite, the lowest and highest cloud id), and a batch of several clouds copies where
-each cloud starts in the presorted order (B+1 int64, sb_cloud_starts) to the host: the per-cloud
-counts, which size everything else (M, the plan) and give `BallTree.offsets_list`. Point data
-never leaves the device. The plan is cached by the counts, so repeated cloud sizes skip planning
-and the upload of the tables.
+`pos` is finite, the lowest and highest cloud id), and a batch of several clouds copies its
+per-cloud counts to the host, which size everything else (M, the plan) and give
+`BallTree.offsets_list`: counted by integer atomics for small builds (`cloud_counts`), from where
+each cloud starts in the presorted order for large ones (sb_cloud_starts). Point data never
+leaves the device. The plan is cached by the counts, so repeated cloud sizes skip planning and
+the upload of the tables; small builds of repeated sizes replay a CUDA graph (cupy_graphs.py).
 """
 
 from __future__ import annotations
@@ -313,10 +314,9 @@ class _KernelOps:
         dim, n_points = coords.shape
         m = perm.shape[0]
         out = xp.empty((dim, m), dtype=xp.float64)
-        rot = xp.asarray(np.ascontiguousarray(rotation, dtype=np.float64))
-        self._kernel("sb_rotate")(
+        self._kernel("sb_rotate")(  # rotation: float64 (D, D) on the device
             (-(-m // self.block),), (self.block,),
-            (coords, perm, rot, np.int32(dim), np.int32(n_points), np.int64(m), out))
+            (coords, perm, rotation, np.int32(dim), np.int32(n_points), np.int64(m), out))
         return out
 
     def sort_keys_f32(self, pos, cloud, axis_shift):
@@ -372,16 +372,17 @@ _DEVICE_PLANS: collections.OrderedDict = collections.OrderedDict()
 _DEVICE_PLANS_MAX = 64
 
 
-def _plan_tables(xp, flat: np.ndarray, shapes) -> list:
-    """The plan's tables as arrays of `xp`: views of one upload of `flat` (cached on a GPU)."""
+def _plan_tables(xp, flat: np.ndarray, shapes, outputs) -> list:
+    """The plan's tables as arrays of `xp`: views of one upload of `flat` by `outputs` (cached
+    on a GPU unless `outputs` keeps its uploads itself)."""
     key = None
-    if xp is not np:
+    if xp is not np and outputs.caches_plans:
         key = (xp.cuda.Device().id, xp.cuda.get_current_stream().ptr, id(flat))
         hit = _DEVICE_PLANS.get(key)
         if hit is not None and hit[0] is flat:
             _DEVICE_PLANS.move_to_end(key)
             return hit[1]
-    device_flat = xp.asarray(flat)
+    device_flat = outputs.upload(flat)
     tables, at = [], 0
     for shape in shapes:
         size = shape[0] * shape[1]
@@ -395,8 +396,13 @@ def _plan_tables(xp, flat: np.ndarray, shapes) -> list:
 
 
 def _argsort(xp, a):
-    # CuPy's argsort is always stable (thrust stable_sort_by_key) and takes no `kind`.
-    return np.argsort(a, kind="stable") if xp is np else xp.argsort(a)
+    """Stable argsort (int64 indices). On the GPU through PyTorch's radix sort: CuPy's
+    argsort (Thrust) costs ~0.2 ms of host time per call and synchronizes the stream."""
+    if xp is np:
+        return np.argsort(a, kind="stable")
+    import torch
+
+    return _cupy_view(xp, torch.sort(torch.as_tensor(a, device=f"cuda:{a.device.id}"), stable=True).indices)
 
 
 def _presort(xp, ops, coords, cloud, num_clouds: int, pos32=None):
@@ -410,7 +416,9 @@ def _presort(xp, ops, coords, cloud, num_clouds: int, pos32=None):
     dim, n = coords.shape
     cloud_bits = (num_clouds - 1).bit_length()
     if pos32 is not None and cloud_bits + (dim - 1).bit_length() <= 31:
-        order = _argsort(xp, ops.sort_keys_f32(pos32, cloud, 32 + cloud_bits))
+        # Bit 63 of the keys is clear (axis and cloud take at most 31 bits above the 32 of the
+        # coordinate), so their order as int64 is their order as uint64: torch sorts int64.
+        order = _argsort(xp, ops.sort_keys_f32(pos32, cloud, 32 + cloud_bits).view(xp.int64))
     else:
         order = _argsort(xp, coords.ravel())
         group = order // n
@@ -423,17 +431,17 @@ def _presort(xp, ops, coords, cloud, num_clouds: int, pos32=None):
     return ids
 
 
-def _build_levels(xp, ops, coords, ids, counts, starts, slot_starts, ball_size, perm, mask):
+def _build_levels(xp, ops, coords, ids, counts, starts, slot_starts, ball_size, perm, mask, outputs):
     """Sort `n` items into slots: writes perm (slot -> item id) and mask of their real slots.
 
     coords `(D, n)` float64; ids `(D, n)` int32 from `_presort` (overwritten); counts, starts,
-    slot_starts host int64 `(B,)`.
+    slot_starts host int64 `(B,)`; `outputs` uploads the plan.
     """
     dim, n_items = ids.shape
     cap = ops.node_cap(dim, n_items)
     flat, shapes = _flat_plan(np.asarray(counts, np.int64).tobytes(), np.asarray(starts, np.int64).tobytes(),
                               np.asarray(slot_starts, np.int64).tobytes(), ball_size, cap)
-    tables = _plan_tables(xp, flat, shapes)
+    tables = _plan_tables(xp, flat, shapes, outputs)
     work = {"cap": cap}
     if isinstance(ops, _KernelOps):
         ntiles = -(-n_items // ops.tile)
@@ -452,7 +460,9 @@ def _build_levels(xp, ops, coords, ids, counts, starts, slot_starts, ball_size, 
 
 
 class _Outputs:
-    """Where `_build` puts its results: new arrays of `xp`."""
+    """Where `_build` puts its results and its uploads: new arrays of `xp`."""
+
+    caches_plans = True  # whether `_plan_tables` may serve this build's plan from its cache
 
     def __init__(self, xp):
         self.xp = xp
@@ -518,9 +528,11 @@ def _cupy_view(cupy, tensor):
     return cupy.ndarray(shape, dtype=dtype, memptr=cupy.cuda.MemoryPointer(memory, 0))
 
 
-def _build(xp, ops, pos, batch, num_clouds: int, ball_size: int, rotations: int, outputs=None):
+def _build(xp, ops, pos, batch, num_clouds: int, ball_size: int, rotations: int, outputs=None,
+           counts=None):
     """The build on arrays of `xp`. pos `(N, dim)` float32/float64, batch `(N,)` int64 or None;
-    `outputs` allocates the results (default: `_Outputs(xp)`).
+    `outputs` allocates the results and makes the uploads (default: `_Outputs(xp)`); `counts`,
+    the per-cloud counts (host int64 `(B,)`) where the caller knows them (else one host sync).
 
     Returns perm int64 `(M,)`, mask uint8 `(M,)`, offsets int64 `(B+1,)`, rotation_perms int64
     `(R, M)` (arrays of `xp`) and offsets on the host (numpy int64 `(B+1,)`).
@@ -536,7 +548,9 @@ def _build(xp, ops, pos, batch, num_clouds: int, ball_size: int, rotations: int,
         batch = xp.zeros(n_points, dtype=xp.int64)
     batch = batch.astype(xp.int64, copy=False)
     ids = _presort(xp, ops, coords, batch, num_clouds, pos32)
-    if num_clouds == 1:
+    if counts is not None:
+        counts_h = np.asarray(counts, dtype=np.int64)
+    elif num_clouds == 1:
         counts_h = np.array([n_points], dtype=np.int64)
     else:
         # The one host sync: the per-cloud counts size everything that follows. They come from
@@ -552,7 +566,7 @@ def _build(xp, ops, pos, batch, num_clouds: int, ball_size: int, rotations: int,
 
     perm = outputs.empty(num_slots, np.int64)  # every slot is written (subtree, padding)
     mask = outputs.zeros(num_slots, np.uint8)
-    _build_levels(xp, ops, coords, ids, counts_h, starts_h, offsets_h[:-1], ball_size, perm, mask)
+    _build_levels(xp, ops, coords, ids, counts_h, starts_h, offsets_h[:-1], ball_size, perm, mask, outputs)
     ops.fill_padding(perm, mask, ball_size)
 
     rotation_perms = outputs.empty((rotations, num_slots), np.int64)
@@ -563,10 +577,11 @@ def _build(xp, ops, pos, batch, num_clouds: int, ball_size: int, rotations: int,
             slot_cloud = xp.searchsorted(offsets[1:], xp.arange(num_slots), side="right").astype(xp.int64)
         scratch_mask = xp.empty(num_slots, dtype=xp.uint8)
         for r in range(rotations):
-            rotated = ops.rotate(coords, perm, rotation_matrix(r, dim))
+            rotation = outputs.upload(np.ascontiguousarray(rotation_matrix(r, dim), dtype=np.float64))
+            rotated = ops.rotate(coords, perm, rotation)
             rids = _presort(xp, ops, rotated, slot_cloud, num_clouds)
             _build_levels(xp, ops, rotated, rids, slots_h, offsets_h[:-1], offsets_h[:-1], ball_size,
-                          rotation_perms[r], scratch_mask)
+                          rotation_perms[r], scratch_mask, outputs)
     return perm, mask, offsets, rotation_perms, offsets_h
 
 
@@ -606,35 +621,64 @@ def build_tree_cupy(pos, batch, num_clouds: int, ball_size: int, rotations: int)
     """`BallTree` of CUDA tensors built on their device, on PyTorch's current stream.
 
     Inputs and results are torch tensors that the kernels see through CuPy views, without
-    copies; see the module docstring for the host syncs.
+    copies; see the module docstring for the host syncs. Builds of up to
+    `cupy_graphs.MAX_POINTS` points replay a captured CUDA graph from the second build of the
+    same cloud sizes on (sparseball/tree/cupy_graphs.py).
     """
-    import cupy
     import torch
 
+    from . import cupy_graphs
     from .balltree import BallTree
 
-    device = pos.device
-    torch_stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), _torch_stream_for_cupy(cupy, torch_stream):
-        pos = pos.detach().contiguous()
-        pos_cp = _cupy_view(cupy, pos)
-        batch_cp = None
-        if batch is not None:
-            batch_cp = _cupy_view(cupy, batch.detach().to(torch.int64).contiguous())
-        outputs = _TorchOutputs(cupy, device)
-        perm, mask, offsets, rotation_perms, offsets_h = _build(
-            cupy, _cupy_ops(), pos_cp, batch_cp, num_clouds, ball_size, rotations, outputs)
-        perm_t = outputs.tensor(perm)
-        mask_t = outputs.tensor(mask).view(torch.bool)  # 0/1 bytes
-        offsets_t = outputs.tensor(offsets)
-        rotation_t = outputs.tensor(rotation_perms)
+    pos = pos.detach().contiguous()
+    if batch is not None:
+        batch = batch.detach().to(torch.int64).contiguous()
+    built, counts = None, None
+    if pos.shape[0] <= cupy_graphs.MAX_POINTS:
+        counts = cloud_counts(batch, num_clouds, pos.shape[0])
+        built = cupy_graphs.replay(pos, batch, num_clouds, ball_size, rotations, counts)
+    if built is None:
+        built = build_on_current_stream(pos, batch, num_clouds, ball_size, rotations, counts=counts)
+    perm, mask, offsets, rotation_perms, offsets_h = built
     return BallTree(
-        perm=perm_t,
-        mask=mask_t,
-        offsets=offsets_t,
-        pos=torch.index_select(pos, 0, perm_t),
+        perm=perm,
+        mask=mask,
+        offsets=offsets,
+        pos=torch.index_select(pos, 0, perm),
         ball_size=ball_size,
-        rotation_perms=rotation_t,
+        rotation_perms=rotation_perms,
         offsets_list=tuple(int(o) for o in offsets_h),
         num_points=pos.shape[0],
     )
+
+
+def cloud_counts(batch, num_clouds: int, n_points: int) -> np.ndarray:
+    """Host int64 `(B,)` points per cloud of a CUDA `batch` (int64 ids in [0, B), or None): one
+    host sync where there are several clouds. Integer atomics: for small builds, where they do
+    not serialize (see `_build` for large ones)."""
+    if batch is None or num_clouds == 1:
+        return np.array([n_points], dtype=np.int64)
+    import torch
+
+    counts = torch.zeros(num_clouds, dtype=torch.int64, device=batch.device)
+    counts.index_add_(0, batch, torch.ones_like(batch))
+    return counts.cpu().numpy()
+
+
+def build_on_current_stream(pos, batch, num_clouds: int, ball_size: int, rotations: int, outputs=None,
+                            counts=None):
+    """`_build` on contiguous CUDA tensors pos and batch (int64 or None), on PyTorch's current
+    stream; `outputs` a `_TorchOutputs` (default: a new one). Returns torch tensors perm, mask
+    (bool), offsets, rotation_perms and offsets on the host (numpy)."""
+    import cupy
+    import torch
+
+    device = pos.device
+    outputs = outputs or _TorchOutputs(cupy, device)
+    with cupy.cuda.Device(device.index), _torch_stream_for_cupy(cupy, torch.cuda.current_stream(device)):
+        batch_cp = None if batch is None else _cupy_view(cupy, batch)
+        perm, mask, offsets, rotation_perms, offsets_h = _build(
+            cupy, _cupy_ops(), _cupy_view(cupy, pos), batch_cp, num_clouds, ball_size, rotations, outputs,
+            counts)
+        return (outputs.tensor(perm), outputs.tensor(mask).view(torch.bool),  # 0/1 bytes
+                outputs.tensor(offsets), outputs.tensor(rotation_perms), offsets_h)

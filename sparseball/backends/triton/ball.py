@@ -308,7 +308,8 @@ def _fwd_config(ball_size: int, head_dim: int, dtype: torch.dtype) -> dict:
     elif head_dim > 64 or ball_size < 128:  # a 128-row tile of small balls masks most of it
         config = dict(block_m=64, block_n=64, warps=8 if head_dim > 64 else 4, stages=2)
     else:  # bench/triton_tune.py on an H100 (2026-11-23), 1M points, ball 128: 3.54 -> 3.12 ms
-        config = dict(block_m=128, block_n=64, warps=4, stages=2)
+        # (tiles), -> 2.53 ms (3 stages; bench/results/triton_tune_h100_second.json)
+        config = dict(block_m=128, block_n=64, warps=4, stages=3)
     return launch_config("ball_fwd", config)
 
 

@@ -122,13 +122,14 @@ def select_blocks_op(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, po
     qrows = min(group_size, 64)
     per_block = select_size // compress_size
     # BLOCK_N compressed keys per chunk: whole selection blocks (a multiple of per_block).
-    # keys_as_rows: the transposed logits (see the kernel); not yet measured on a GPU, so off
-    # by default and a candidate of bench/triton_tune.py.
+    # keys_as_rows: the transposed logits (see the kernel); measured for 16-bit inputs at
+    # D <= 64 only, so the other cases keep the row-major logits.
     if q.dtype == torch.float32 or D > 64:
         default = dict(block_n=64, warps=8, stages=1 if q.dtype == torch.float32 else 2,
                        keys_as_rows=False)
-    else:  # bench/triton_tune.py on an H100 (2026-11-23), 256k points: 28.8 -> 22.3 ms
-        default = dict(block_n=128, warps=4, stages=2, keys_as_rows=False)
+    else:  # bench/triton_tune.py on an H100 (2026-11-23), 256k points: 28.8 -> 22.3 ms (tiles),
+        # -> 14.3 ms (keys as rows; bench/results/triton_tune_h100_second.json)
+        default = dict(block_n=128, warps=4, stages=1, keys_as_rows=True)
     cfg = launch_config("select_blocks", default)
     wrap_triton(_select_blocks_fwd_kernel)[(M // group_size, H)](
         q, k_cmp, lse, pos, centers, mask, cblock_real, sblock_real, cloud_lo, cloud_hi,
