@@ -510,6 +510,8 @@ class _TorchOutputs(_Outputs):
 
         # non_blocking: a blocking copy would wait for the stream (the presort queued before);
         # from pageable memory the copy is staged at once, so `host` may go right after.
+        # torch.from_numpy warns on read-only arrays (the cached plans): those are copied.
+        host = host if host.flags.writeable else host.copy()
         return self._keep(torch.from_numpy(host).to(self.device, non_blocking=True))
 
     def tensor(self, view):
