@@ -93,8 +93,8 @@ def build_all() -> list[dict]:
         k_cmp, v_cmp = ops.compress(k, tree, 32), ops.compress(v, tree, 32)
         out, lse = ops.compressed_attention(q, k_cmp, v_cmp, tree, 32, sigma, 0.1)
         outs.append(out)
-        for keys_as_rows in (False, True):  # the default and the tuning candidate
-            _common.CONFIG_OVERRIDES["select_blocks"] = {"keys_as_rows": keys_as_rows}
+        for layout in ({"keys_as_rows": False}, {"keys_as_rows": True}, {"heads_inside": True}):
+            _common.CONFIG_OVERRIDES["select_blocks"] = layout  # the default and the candidates
             ops.select_blocks(q, k_cmp, torch.zeros_like(lse), tree, 32, 64, 64, 16, sigma, 0.1, None)
         _common.CONFIG_OVERRIDES.pop("select_blocks")
         indices = torch.arange(2, dtype=torch.int32).expand(M // 64, H, 2).contiguous()
@@ -109,6 +109,7 @@ UNPIPELINED_BY_CHOICE = {
     # merge let the compiler pipeline it but measured slower on an H100 (2026-11-23, 256k
     # points, bfloat16: 24.7 ms against 22.6 ms), so the loop stayed.
     "_select_blocks_fwd_kernel",
+    "_select_blocks_heads_kernel",  # the same insertion, in its head loop
 }
 
 

@@ -296,9 +296,16 @@ def launch_override(name, **override):
         _common.CONFIG_OVERRIDES.pop(name, None)
 
 
+# select_blocks' kernel layouts (launch overrides): row-major logits, transposed logits, and one
+# program per group for every head.
+SELECT_LAYOUTS = {"rows": dict(keys_as_rows=False, heads_inside=False),
+                  "keys_as_rows": dict(keys_as_rows=True, heads_inside=False),
+                  "heads_inside": dict(heads_inside=True)}
+
+
 @few
-@given(data=st.data(), keys_as_rows=st.booleans())
-def test_select_blocks(data, keys_as_rows):
+@given(data=st.data(), layout=st.sampled_from(sorted(SELECT_LAYOUTS)))
+def test_select_blocks(data, layout):
     problem = data.draw(problems(data.draw(st.sampled_from(DTYPES), label="dtype"),
                                  ball_sizes=(4, 8, 16), max_cloud=32))
     P = problem.tree.ball_size
@@ -306,8 +313,17 @@ def test_select_blocks(data, keys_as_rows):
     s = data.draw(powers_of_two(P).filter(lambda s: s >= c), label="select_size")
     g = data.draw(powers_of_two(P).filter(lambda g: g >= 2), label="group_size")
     exclude = data.draw(st.none() | powers_of_two(P), label="exclude_ball_size")
-    with launch_override("select_blocks", keys_as_rows=keys_as_rows):
+    with launch_override("select_blocks", **SELECT_LAYOUTS[layout]):
         check_select_blocks(problem, c, s, g, data.draw(st.integers(1, 6), label="top_k"), exclude)
+
+
+@pytest.mark.parametrize("layout", sorted(SELECT_LAYOUTS))
+def test_select_blocks_three_heads(layout):
+    # A head count that is not a power of two: heads_inside pads its per-head top-k rows to 4.
+    problem = fixed_problem([70, 45, 3], 8, torch.bfloat16, heads=3, head_dim=16, seed=12)
+    with launch_override("select_blocks", **SELECT_LAYOUTS[layout]):
+        check_select_blocks(problem, 2, 8, 8, 5, 8)
+        check_select_blocks(problem, 1, 4, 2, 3, None)
 
 
 # Sizes the small drawn trees never reach: balls of 128 (one-pass backward over several key
@@ -323,8 +339,8 @@ def test_large_blocks(dtype):
     check_compressed(problem, 2)
     check_selection(problem, 128, 128, 2, seed=1)
     check_compress(problem, 128)
-    for keys_as_rows in (False, True):
-        with launch_override("select_blocks", keys_as_rows=keys_as_rows):
+    for layout in SELECT_LAYOUTS.values():
+        with launch_override("select_blocks", **layout):
             check_select_blocks(problem, 1, 128, 64, 3, None)
             check_select_blocks(problem, 4, 4, 128, 20, 128)
     check_ball(fixed_problem([300], 256, dtype, heads=1, head_dim=16, seed=2), 256)
@@ -563,12 +579,12 @@ def test_large_against_torch_backend(dtype, points, clouds, head_dim, seed):
     _against_torch_backend("lse", lse_triton, lse, M // c, size["logits"])
 
     chosen = torch_ops.select_blocks(q, k_cmp, lse, tree, c, s, g, top_k, sigma, scale, None)
-    for keys_as_rows in (False, True):
-        with launch_override("select_blocks", keys_as_rows=keys_as_rows):
+    for layout, override in SELECT_LAYOUTS.items():
+        with launch_override("select_blocks", **override):
             ours = triton_ops.select_blocks(q, k_cmp, lse, tree, c, s, g, top_k, sigma, scale, None)
         agree = (ours == chosen).all(-1).float().mean().item()
-        assert agree > 0.99, (f"select_blocks (keys_as_rows={keys_as_rows}) agrees with the torch "
-                              f"backend on {agree:.4f} of rows")
+        assert agree > 0.99, (f"select_blocks ({layout}) agrees with the torch backend on "
+                              f"{agree:.4f} of rows")
         assert ((ours[..., 1:] > ours[..., :-1]) | (ours[..., 1:] == -1)).all()
 
     names = ["selection/out", "selection/q", "selection/k", "selection/v", "selection/sigma"]

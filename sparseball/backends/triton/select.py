@@ -10,6 +10,8 @@ A chunk touches the top-k only when one of its keys beats the current k-th; afte
 chunks that is rare, so the merge (repeated max extraction) costs little. That data-dependent
 loop keeps the compiler from pipelining the key loop; a straight-line bitonic merge that let it
 measured 9% slower on an H100 (bench/triton_sm90.py lists this kernel as unpipelined by choice).
+A variant runs one program per group for every head (_select_blocks_heads_kernel), so that the
+distance bias between the group's rows and the compressed blocks is computed once, not per head.
 """
 
 import torch
@@ -17,11 +19,87 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import LOG2E, _logits, block_d, dot_modes, launch_config, new_tensor
+from ._common import (
+    LOG2E,
+    _distance,
+    _dot,
+    _logits,
+    _saved_lse2,
+    block_d,
+    dot_modes,
+    launch_config,
+    new_tensor,
+)
 
 _ID_BITS = tl.constexpr(2147483647)  # 2^31 - 1: block ids fill the low 31 bits
 _NOT_CANDIDATE = tl.constexpr(-4611686018427387904)  # -2^62: below every candidate and placeholder
 _UNUSED = tl.constexpr(4611686018427387904)  # 2^62: top-k lanes beyond top_k, never replaced
+
+
+@triton.jit
+def _group_keys(CLOUD_LO, CLOUD_HI, row0, UNIT, EXCL, CS: tl.constexpr):
+    """The compressed keys `[lo, hi)` of the cloud of the group starting at slot `row0`, and
+    the slots `[excl_lo, excl_hi)` whose selection blocks it may not choose (EXCL > 0: the
+    aligned EXCL-block holding the group; else none)."""
+    lo = tl.load(CLOUD_LO + row0 // UNIT) // CS
+    hi = tl.load(CLOUD_HI + row0 // UNIT) // CS
+    excl_lo = row0
+    excl_hi = row0
+    if EXCL > 0:
+        excl_lo = (row0 // EXCL) * EXCL
+        excl_hi = excl_lo + EXCL
+    return lo, hi, excl_lo, excl_hi
+
+
+@triton.jit
+def _chunk_blocks(start, hi, SBLOCK_REAL, excl_lo, excl_hi, SS: tl.constexpr, R: tl.constexpr,
+                  NW: tl.constexpr):
+    """The selection blocks `[NW]` of the chunk of compressed keys from `start`, and which of
+    them may be chosen (inside the cloud, holding a real slot, not excluded)."""
+    blocks = start // R + tl.arange(0, NW)
+    blocks_ok = blocks < hi // R
+    cand = blocks_ok & (tl.load(SBLOCK_REAL + blocks, mask=blocks_ok, other=0) != 0)
+    cand = cand & ~((blocks * SS >= excl_lo) & ((blocks + 1) * SS <= excl_hi))
+    return blocks, cand
+
+
+@triton.jit
+def _packed_candidates(colsum, blocks, cand, R: tl.constexpr, NW: tl.constexpr):
+    """Sortable int64 candidates `[NW]` from the chunk's probability sums per compressed key."""
+    importance = tl.sum(tl.reshape(colsum, (NW, R)), axis=1)
+    bits = importance.to(tl.int32, bitcast=True).to(tl.int64)
+    return tl.where(cand, (bits << 31) | (_ID_BITS - blocks), _NOT_CANDIDATE)
+
+
+@triton.jit
+def _topk_insert(top, threshold, packed):
+    """Merge a chunk's candidates into the running top-k `top` (its minimum: `threshold`) by
+    repeated max extraction; most chunks after the first few do not enter the loop."""
+    best = tl.max(packed, axis=0)
+    while best > threshold:
+        top = tl.where(top == threshold, best, top)
+        threshold = tl.min(top, axis=0)
+        packed = tl.where(packed == best, _NOT_CANDIDATE, packed)
+        best = tl.max(packed, axis=0)
+    return top, threshold
+
+
+@triton.jit
+def _topk_placeholders(lanes, TOPK: tl.constexpr):
+    """The empty top-k: distinct negative placeholders (so the lane holding the minimum is
+    unique) and lanes beyond TOPK that are never replaced."""
+    return tl.where(lanes < TOPK, -1 - lanes.to(tl.int64), _UNUSED)
+
+
+@triton.jit
+def _topk_store(top, lanes, OUT, TOPK: tl.constexpr):
+    """Write the chosen block ids at OUT[0:TOPK] in ascending order, then -1s."""
+    chosen = (top >= 0) & (lanes < TOPK)
+    block_ids = _ID_BITS - (top & _ID_BITS)
+    # Ascending ids then -1s: each lane's rank among distinct sort values is its output slot.
+    order = tl.where(chosen, block_ids, _ID_BITS + 1 + lanes.to(tl.int64))
+    rank = tl.sum((order[None, :] < order[:, None]).to(tl.int32), axis=1)
+    tl.store(OUT + rank, tl.where(chosen, block_ids, -1).to(tl.int32), mask=rank < TOPK)
 
 
 @triton.jit
@@ -34,20 +112,14 @@ def _select_blocks_fwd_kernel(
     HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr, KEYS_AS_ROWS: tl.constexpr,
 ):
+    """One program per (group, head); the group's rows in tiles of QROWS."""
     scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
     g = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     R: tl.constexpr = SS // CS  # compressed blocks per selection block
     NW: tl.constexpr = BLOCK_N // R  # selection blocks per chunk
     row0 = g * GS
-    lo = tl.load(CLOUD_LO + row0 // UNIT) // CS
-    hi = tl.load(CLOUD_HI + row0 // UNIT) // CS
-    # Excluded: selection blocks inside the aligned EXCL-block holding the group (0: none).
-    excl_lo = row0
-    excl_hi = row0
-    if EXCL > 0:
-        excl_lo = (row0 // EXCL) * EXCL
-        excl_hi = excl_lo + EXCL
+    lo, hi, excl_lo, excl_hi = _group_keys(CLOUD_LO, CLOUD_HI, row0, UNIT, EXCL, CS)
     dims = tl.arange(0, BLOCK_D)
     dims_ok = dims < D
     stride = H * D
@@ -56,8 +128,7 @@ def _select_blocks_fwd_kernel(
     if HAS_SIGMA:
         sig = tl.load(SIGMA + h).to(tl.float32) * LOG2E
     lanes = tl.arange(0, KP)
-    # Distinct negative placeholders, so the lane holding the minimum is unique.
-    top = tl.where(lanes < TOPK, -1 - lanes.to(tl.int64), _UNUSED)
+    top = _topk_placeholders(lanes, TOPK)
     threshold = tl.min(top, axis=0)
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
@@ -73,8 +144,7 @@ def _select_blocks_fwd_kernel(
             rreal = tl.load(MASK + rows, mask=rows_ok, other=0) != 0
             q = tl.load(Q + rows[:, None] * stride + h * D + dims[None, :],
                         mask=rows_ok[:, None] & dims_ok[None, :], other=0.0)
-            lse = tl.load(LSE + rows * H + h, mask=rows_ok, other=0.0)
-            lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+            lse2 = _saved_lse2(LSE, rows, rows_ok, h, H)
             if KEYS_AS_ROWS:
                 # Logits transposed, [keys, rows]: the sum over the group's rows then runs
                 # along each key's row of the dot's tile, inside a warp, not across warps.
@@ -89,26 +159,75 @@ def _select_blocks_fwd_kernel(
                 allowed = rreal[:, None] & kreal[None, :]
                 p = tl.exp2(tl.where(allowed, s - lse2[:, None], float("-inf")))
                 colsum += tl.sum(p, axis=0)
-        importance = tl.sum(tl.reshape(colsum, (NW, R)), axis=1)
-        blocks = start // R + tl.arange(0, NW)
-        blocks_ok = blocks < hi // R
-        cand = blocks_ok & (tl.load(SBLOCK_REAL + blocks, mask=blocks_ok, other=0) != 0)
-        cand = cand & ~((blocks * SS >= excl_lo) & ((blocks + 1) * SS <= excl_hi))
-        bits = importance.to(tl.int32, bitcast=True).to(tl.int64)
-        packed = tl.where(cand, (bits << 31) | (_ID_BITS - blocks), _NOT_CANDIDATE)
-        best = tl.max(packed, axis=0)
-        while best > threshold:
-            top = tl.where(top == threshold, best, top)
-            threshold = tl.min(top, axis=0)
-            packed = tl.where(packed == best, _NOT_CANDIDATE, packed)
-            best = tl.max(packed, axis=0)
-    chosen = (top >= 0) & (lanes < TOPK)
-    block_ids = _ID_BITS - (top & _ID_BITS)
-    # Ascending ids then -1s: each lane's rank among distinct sort values is its output slot.
-    order = tl.where(chosen, block_ids, _ID_BITS + 1 + lanes.to(tl.int64))
-    rank = tl.sum((order[None, :] < order[:, None]).to(tl.int32), axis=1)
-    tl.store(OUT + (g * H + h) * TOPK + rank, tl.where(chosen, block_ids, -1).to(tl.int32),
-             mask=rank < TOPK)
+        blocks, cand = _chunk_blocks(start, hi, SBLOCK_REAL, excl_lo, excl_hi, SS, R, NW)
+        top, threshold = _topk_insert(top, threshold, _packed_candidates(colsum, blocks, cand, R, NW))
+    _topk_store(top, lanes, OUT + (g * H + h) * TOPK, TOPK)
+
+
+@triton.jit
+def _select_blocks_heads_kernel(
+    Q, KC, LSE, POS, CENTERS, MASK, CBLOCK_REAL, SBLOCK_REAL, CLOUD_LO, CLOUD_HI, SIGMA, OUT,
+    H, UNIT, EXCL, scale,
+    D: tl.constexpr, DIM: tl.constexpr, CS: tl.constexpr, SS: tl.constexpr, GS: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, HP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SPLIT_DOT: tl.constexpr,
+):
+    """One program per group (GS <= BLOCK_M rows, one tile) for every head: the distances from
+    the group's rows to a chunk's compressed-block centers do not depend on the head, so they
+    are computed once per chunk and serve all H heads (per head, they cost a square root and
+    DIM differences per logit, as much as the rest of the logit's CUDA-core work). Logits as
+    [keys, rows], as in the per-head kernel's KEYS_AS_ROWS; the heads' running top-k lists are
+    the rows of one `[HP, KP]` tensor."""
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
+    g = tl.program_id(0).to(tl.int64)
+    R: tl.constexpr = SS // CS
+    NW: tl.constexpr = BLOCK_N // R
+    row0 = g * GS
+    lo, hi, excl_lo, excl_hi = _group_keys(CLOUD_LO, CLOUD_HI, row0, UNIT, EXCL, CS)
+    dims = tl.arange(0, BLOCK_D)
+    dims_ok = dims < D
+    stride = H * D
+    qk_scale = scale * LOG2E
+    r = tl.arange(0, BLOCK_M)
+    rows = row0 + r
+    rows_ok = r < GS
+    rreal = tl.load(MASK + rows, mask=rows_ok, other=0) != 0
+    lanes = tl.arange(0, KP)
+    heads = tl.arange(0, HP)
+    top = tl.where((heads < H)[:, None], _topk_placeholders(lanes, TOPK)[None, :], _UNUSED)
+    thresholds = tl.min(top, axis=1)
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        keys_ok = keys < hi
+        kreal = tl.load(CBLOCK_REAL + keys, mask=keys_ok, other=0) != 0
+        allowed = kreal[:, None] & rreal[None, :]
+        dist = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        if HAS_SIGMA:
+            dist = _distance(CENTERS, keys, keys_ok, POS, rows, rows_ok, DIM)
+        blocks, cand = _chunk_blocks(start, hi, SBLOCK_REAL, excl_lo, excl_hi, SS, R, NW)
+        for h in range(H):
+            k = tl.load(KC + keys[:, None] * stride + h * D + dims[None, :],
+                        mask=keys_ok[:, None] & dims_ok[None, :], other=0.0)
+            q = tl.load(Q + rows[:, None] * stride + h * D + dims[None, :],
+                        mask=rows_ok[:, None] & dims_ok[None, :], other=0.0)
+            st = _dot(k, tl.trans(q), FP32_DOT, UPCAST_DOT) * qk_scale
+            if HAS_SIGMA:
+                st += (tl.load(SIGMA + h).to(tl.float32) * LOG2E) * dist
+            lse2 = _saved_lse2(LSE, rows, rows_ok, h, H)
+            pt = tl.exp2(tl.where(allowed, st - lse2[None, :], float("-inf")))
+            packed = _packed_candidates(tl.sum(pt, axis=1), blocks, cand, R, NW)
+            is_h = heads == h
+            threshold = tl.sum(tl.where(is_h, thresholds, 0), axis=0)
+            if tl.max(packed, axis=0) > threshold:
+                top_h = tl.sum(tl.where(is_h[:, None], top, 0), axis=0)
+                top_h, threshold = _topk_insert(top_h, threshold, packed)
+                top = tl.where(is_h[:, None], top_h[None, :], top)
+                thresholds = tl.where(is_h, threshold, thresholds)
+    for h in range(H):
+        top_h = tl.sum(tl.where((heads == h)[:, None], top, 0), axis=0)
+        _topk_store(top_h, lanes, OUT + (g * H + h) * TOPK, TOPK)
 
 
 @triton_op("sparseball_triton::select_blocks", mutates_args=())
@@ -123,22 +242,26 @@ def select_blocks_op(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, po
     per_block = select_size // compress_size
     # BLOCK_N compressed keys per chunk: whole selection blocks (a multiple of per_block).
     # keys_as_rows: the transposed logits (see the kernel); measured for 16-bit inputs at
-    # D <= 64 only, so the other cases keep the row-major logits.
+    # D <= 64 only, so the other cases keep the row-major logits. heads_inside: one program
+    # per group for every head (_select_blocks_heads_kernel; groups of one row tile only),
+    # not yet measured on a GPU, so off by default and a candidate of bench/triton_tune.py.
     if q.dtype == torch.float32 or D > 64:
         default = dict(block_n=64, warps=8, stages=1 if q.dtype == torch.float32 else 2,
-                       keys_as_rows=False)
+                       keys_as_rows=False, heads_inside=False)
     else:  # bench/triton_tune.py on an H100 (2026-11-23), 256k points: 28.8 -> 22.3 ms (tiles),
         # -> 14.3 ms (keys as rows; bench/results/triton_tune_h100_second.json)
-        default = dict(block_n=128, warps=4, stages=1, keys_as_rows=True)
+        default = dict(block_n=128, warps=4, stages=1, keys_as_rows=True, heads_inside=False)
     cfg = launch_config("select_blocks", default)
-    wrap_triton(_select_blocks_fwd_kernel)[(M // group_size, H)](
-        q, k_cmp, lse, pos, centers, mask, cblock_real, sblock_real, cloud_lo, cloud_hi,
-        q if sigma is None else sigma, out,
-        H, unit, exclude, scale,
-        D=D, DIM=pos.shape[1], CS=compress_size, SS=select_size, GS=group_size,
-        TOPK=top_k, KP=max(16, triton.next_power_of_2(top_k)), QROWS=qrows,
-        BLOCK_M=max(qrows, 16), BLOCK_N=max(cfg["block_n"], per_block), BLOCK_D=block_d(D),
-        HAS_SIGMA=sigma is not None, **dot_modes(q.dtype), KEYS_AS_ROWS=cfg["keys_as_rows"],
-        num_warps=cfg["warps"], num_stages=cfg["stages"],
-    )
+    args = (q, k_cmp, lse, pos, centers, mask, cblock_real, sblock_real, cloud_lo, cloud_hi,
+            q if sigma is None else sigma, out, H, unit, exclude, scale)
+    shape = dict(D=D, DIM=pos.shape[1], CS=compress_size, SS=select_size, GS=group_size, TOPK=top_k,
+                 KP=max(16, triton.next_power_of_2(top_k)), BLOCK_M=max(qrows, 16),
+                 BLOCK_N=max(cfg["block_n"], per_block), BLOCK_D=block_d(D), HAS_SIGMA=sigma is not None,
+                 **dot_modes(q.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"])
+    if cfg["heads_inside"] and group_size == qrows:
+        wrap_triton(_select_blocks_heads_kernel)[(M // group_size,)](
+            *args, HP=triton.next_power_of_2(H), **shape)
+    else:
+        wrap_triton(_select_blocks_fwd_kernel)[(M // group_size, H)](
+            *args, QROWS=qrows, KEYS_AS_ROWS=cfg["keys_as_rows"], **shape)
     return out
