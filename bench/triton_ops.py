@@ -415,16 +415,20 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None,
                         help="ball, selection, compressed, memory, fla")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out"))
+    parser.add_argument("--config", type=json.loads, default={},
+                        help='launch overrides, e.g. \'{"select_blocks": {"heads_inside": true}}\' '
+                             "(what bench/triton_tune.py sweeps), recorded in the results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/triton_ops.py needs a CUDA device")
+    _common.CONFIG_OVERRIDES.update(args.config)
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     generator = torch.Generator(device=device).manual_seed(0)
     results = {
         "gpu": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(
             timespec="seconds"),
         "torch": torch.__version__, "triton": triton.__version__, "heads": args.heads,
-        "dtype": args.dtype, "ball_attention": [], "selection_attention": [],
+        "dtype": args.dtype, "config_overrides": args.config, "ball_attention": [], "selection_attention": [],
         "compressed": [], "memory": [], "fla_nsa": [], "errors": [],
     }
     results["copy_bandwidth_gbs"] = copy_bandwidth(device) / 1e9
