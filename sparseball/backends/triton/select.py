@@ -243,11 +243,14 @@ def select_blocks_op(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, po
     # BLOCK_N compressed keys per chunk: whole selection blocks (a multiple of per_block).
     # keys_as_rows: the transposed logits (see the kernel); measured for 16-bit inputs at
     # D <= 64 only, so the other cases keep the row-major logits. heads_inside: one program
-    # per group for every head (_select_blocks_heads_kernel; groups of one row tile only),
-    # not yet measured on a GPU, so off by default and a candidate of bench/triton_tune.py.
+    # per group for every head (_select_blocks_heads_kernel; groups of one row tile only), so
+    # the distance bias is computed once for all heads: measured with sigma only.
     if q.dtype == torch.float32 or D > 64:
         default = dict(block_n=64, warps=8, stages=1 if q.dtype == torch.float32 else 2,
                        keys_as_rows=False, heads_inside=False)
+    elif sigma is not None:  # bench/triton_tune.py on an H100 (2026-11-23), 256k points:
+        # 14.4 -> 13.4 ms (bench/results/triton_tune_h100_heads.json)
+        default = dict(block_n=128, warps=4, stages=2, keys_as_rows=True, heads_inside=True)
     else:  # bench/triton_tune.py on an H100 (2026-11-23), 256k points: 28.8 -> 22.3 ms (tiles),
         # -> 14.3 ms (keys as rows; bench/results/triton_tune_h100_second.json)
         default = dict(block_n=128, warps=4, stages=1, keys_as_rows=True, heads_inside=False)
