@@ -35,6 +35,9 @@ def build_tree(
             `P * ceil(n / P)` slots.
         rotations (int): how many rotated orderings of the same slots to build as well.
         backend (str): `"numba"` (CPU), `"cupy"` (GPU) or `"auto"` (by the device of `pos`).
+            On the GPU, builds of up to 2^18 points whose cloud sizes repeat replay a captured
+            CUDA graph from their second build on (`sparseball.tree.cupy_graphs`; set its
+            `ENABLED = False` to build eagerly, `clear()` to free the cached graphs).
 
     Returns:
         BallTree: tensors on the device of `pos`; see docs/contract.md, section 2.

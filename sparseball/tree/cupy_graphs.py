@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 import warnings
 
 import numpy as np
@@ -37,6 +38,9 @@ _MAX_SEEN = 256
 _GRAPHS: collections.OrderedDict = collections.OrderedDict()  # key -> _Captured
 _SEEN: collections.OrderedDict = collections.OrderedDict()  # keys built once, eagerly
 _FAILED: set = set()  # keys whose capture failed
+# Held from the lookup to the clones: two threads replaying one graph (same stream) must not
+# interleave their copies into its static input.
+_LOCK = threading.Lock()
 
 
 class _RecordingOutputs(cupy_builder._TorchOutputs):
@@ -104,6 +108,11 @@ def replay(pos, batch, num_clouds: int, ball_size: int, rotations: int, counts: 
     stream = torch.cuda.current_stream(pos.device)
     key = (pos.device.index, stream.cuda_stream, tuple(pos.shape), pos.dtype, batch is None, num_clouds,
            ball_size, rotations, counts.tobytes())
+    with _LOCK:
+        return _replay_locked(key, pos, batch, num_clouds, ball_size, rotations, counts)
+
+
+def _replay_locked(key, pos, batch, num_clouds, ball_size, rotations, counts):
     captured = _GRAPHS.get(key)
     if captured is not None:
         _GRAPHS.move_to_end(key)
@@ -153,7 +162,7 @@ def _capture(key, pos, batch, num_clouds, ball_size, rotations, counts):
         warnings.warn(
             f"build_tree(backend='cupy'): capturing a CUDA graph of a {tuple(pos.shape)} build failed "
             f"({type(error).__name__}: {error}); builds of this shape run without a graph",
-            RuntimeWarning, stacklevel=4)
+            RuntimeWarning, stacklevel=6)  # at the caller of build_tree
         return None
     finally:
         current.wait_stream(side)
@@ -178,6 +187,7 @@ def _torch_allocator(cupy, device):
 
 def clear() -> None:
     """Drop every captured graph (and the memory it holds) and forget the keys seen."""
-    _GRAPHS.clear()
-    _SEEN.clear()
-    _FAILED.clear()
+    with _LOCK:
+        _GRAPHS.clear()
+        _SEEN.clear()
+        _FAILED.clear()
