@@ -397,7 +397,8 @@ def _plan_tables(xp, flat: np.ndarray, shapes, outputs) -> list:
 
 def _argsort(xp, a):
     """Stable argsort (int64 indices). On the GPU through PyTorch's radix sort: CuPy's
-    argsort (Thrust) costs ~0.2 ms of host time per call and synchronizes the stream."""
+    argsort (Thrust) cost ~0.2 ms of host time per call (bench/tree_profile.py, H100 machine),
+    and PyTorch's sort is known to work inside a CUDA graph capture (cupy_graphs.py)."""
     if xp is np:
         return np.argsort(a, kind="stable")
     import torch
