@@ -167,6 +167,20 @@ def test_numpy_path_matches_numba_larger(dim, dtype, num_clouds):
     _assert_same(cupy_builder.build_numpy(*args), build_numba(*args))
 
 
+@given(tree_inputs())
+def test_given_counts_build_the_same_tree(inputs):
+    # Small GPU builds count their clouds before the presort (cloud_counts, integer atomics)
+    # and hand the counts to the build; here on the CPU, against the build that finds them.
+    pos, batch, num_clouds, ball_size, rotations = inputs
+    counts = cupy_builder.cloud_counts(torch.from_numpy(batch), num_clouds, batch.size)
+    np.testing.assert_array_equal(counts, np.bincount(batch, minlength=num_clouds))
+    want = cupy_builder._build(np, cupy_builder.NumpyOps(), pos, batch, num_clouds, ball_size, rotations)
+    got = cupy_builder._build(np, cupy_builder.NumpyOps(), pos, batch, num_clouds, ball_size, rotations,
+                              counts=counts)
+    _assert_same(got[:4], want[:4])
+    np.testing.assert_array_equal(got[4], want[4])
+
+
 def test_plan_covers_every_item_once():
     counts = np.array([0, 1, 5, 128, 129, 1000, 4097])
     starts = np.cumsum(counts) - counts
