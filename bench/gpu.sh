@@ -8,8 +8,8 @@
 #   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, triton, tree, profile
 # Step time limits: TESTS_LIMIT, DEMO_LIMIT, TORCH_LIMIT, TUNE_LIMIT, TRITON_LIMIT, TREE_LIMIT,
 # PROFILE_LIMIT (seconds).
-# On an H100 (2026-11-23): tests ~220 s, triton ~200 s, tree ~100 s, profile ~30 s, tune ~280 s
-# (TUNE_ARGS="--only select_blocks": ~60 s); the device
+# On an H100 (2026-11-23): tests ~270 s, triton ~200 s (TRITON_ARGS="--only compressed": ~45 s),
+# tree ~100 s, profile ~30 s, tune ~280 s (TUNE_ARGS="--only select_blocks": ~60 s); the device
 # tool allows 600 s per call, so split: `bash bench/gpu.sh tests tree`, then
 # `bash bench/gpu.sh triton demo` (carry .whl for the peers).
 set -uo pipefail
@@ -43,7 +43,10 @@ step torch "${TORCH_LIMIT:-240}" python3 bench/torch_backend.py --out "$RESULTS"
 # TUNE_ARGS: more arguments of bench/triton_tune.py, e.g. "--only select_blocks"
 # shellcheck disable=SC2086
 step tune "${TUNE_LIMIT:-330}" python3 bench/triton_tune.py --out "$RESULTS" ${TUNE_ARGS:-}
-[[ -f bench/triton_ops.py ]] && step triton "${TRITON_LIMIT:-200}" python3 bench/triton_ops.py --out "$RESULTS"
+# TRITON_ARGS: more arguments of bench/triton_ops.py, e.g. "--only compressed" (no spaces inside
+# one: a --config JSON goes in a direct call instead)
+# shellcheck disable=SC2086
+[[ -f bench/triton_ops.py ]] && step triton "${TRITON_LIMIT:-200}" python3 bench/triton_ops.py --out "$RESULTS" ${TRITON_ARGS:-}
 [[ -f bench/tree_gpu.py ]] && step tree "${TREE_LIMIT:-150}" python3 bench/tree_gpu.py --out "$RESULTS"
 step profile "${PROFILE_LIMIT:-120}" python3 bench/tree_profile.py --out "$RESULTS"
 tar czf "$OUT/results.tar.gz" -C "$RESULTS" .
