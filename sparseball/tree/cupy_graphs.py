@@ -99,11 +99,14 @@ class _Captured:
 def replay(pos, batch, num_clouds: int, ball_size: int, rotations: int, counts: np.ndarray):
     """The build's results from a captured graph (capturing it on the second build of its key),
     as `cupy_builder.build_on_current_stream` returns them; None where the build should run
-    eagerly: graphs off, too many points, the first build of its key, or a failed capture.
+    eagerly: graphs off, too many points, `pos` not on the current device, the first build of
+    its key, or a failed capture.
 
     pos `(N, D)` contiguous CUDA tensor, batch `(N,)` int64 contiguous or None, counts the
     per-cloud counts on the host."""
     if not ENABLED or pos.shape[0] > MAX_POINTS:
+        return None
+    if pos.device.index != torch.cuda.current_device():  # a graph replays on the current device
         return None
     stream = torch.cuda.current_stream(pos.device)
     key = (pos.device.index, stream.cuda_stream, tuple(pos.shape), pos.dtype, batch is None, num_clouds,
