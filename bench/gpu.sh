@@ -5,7 +5,7 @@
 # $OUT/results.tar.gz
 # ($OUT defaults to ./out).
 #   bash bench/gpu.sh           # everything
-#   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, triton, tree, profile
+#   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, triton, tree, profile, ncu
 # Step time limits: TESTS_LIMIT, DEMO_LIMIT, TORCH_LIMIT, TUNE_LIMIT, TRITON_LIMIT, TREE_LIMIT,
 # PROFILE_LIMIT (seconds).
 # On an H100 (2026-11-23): tests ~270 s, triton ~200 s (TRITON_ARGS="--only compressed": ~45 s),
@@ -49,5 +49,13 @@ step tune "${TUNE_LIMIT:-330}" python3 bench/triton_tune.py --out "$RESULTS" ${T
 [[ -f bench/triton_ops.py ]] && step triton "${TRITON_LIMIT:-200}" python3 bench/triton_ops.py --out "$RESULTS" ${TRITON_ARGS:-}
 [[ -f bench/tree_gpu.py ]] && step tree "${TREE_LIMIT:-150}" python3 bench/tree_gpu.py --out "$RESULTS"
 step profile "${PROFILE_LIMIT:-120}" python3 bench/tree_profile.py --out "$RESULTS"
+# Nsight Compute counters of the Triton forwards (not part of the default run; NCU_ARGS: the
+# script's arguments, e.g. "--only select_blocks").
+NCU_BIN=$(command -v ncu || compgen -G "/opt/nvidia/nsight-compute/*/ncu" | head -n 1)
+# shellcheck disable=SC2086
+step ncu "${NCU_LIMIT:-300}" "${NCU_BIN:-ncu}" --clock-control none --profile-from-start off \
+  --kernel-name regex:^_ --section SpeedOfLight --section WarpStateStats \
+  --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy \
+  python3 bench/kernel_profile.py ${NCU_ARGS:-}
 tar czf "$OUT/results.tar.gz" -C "$RESULTS" .
 exit $status
