@@ -1,5 +1,6 @@
-"""Hardware counters of the Triton forward kernels that miss their goals (issue 4), through
-Nsight Compute: after a warm-up, one launch of each op's forward at the tuning sweep's sizes
+"""Launches for Nsight Compute: one forward of each Triton op that misses its goal (issue 4).
+
+After a warm-up, one launch of each op's forward at the tuning sweep's sizes
 (`case` of bench/triton_tune.py: H=8, D=64, bfloat16, sigma on; ball and selection at 1M
 points, the compressed ops at 256k) between cudaProfilerStart and cudaProfilerStop, so that
 `ncu --profile-from-start off` sees only those launches.
