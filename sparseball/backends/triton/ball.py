@@ -55,6 +55,23 @@ def _ball_allowed(real, rows, keys, BALL: tl.constexpr, ONE_BALL: tl.constexpr):
 
 
 @triton.jit
+def _ball_fwd_chunk(q, m_i, l_i, acc, K, V, POS, MASK, rows, rows_ok, keys, keys_ok, kv_ok_rows, h, H,
+                    qk_scale, sig, D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SIGMA: tl.constexpr,
+                    FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, SPLIT_DOT: tl.constexpr):
+    """Fold the key chunk `keys` of head `h` into the rows' streamed softmax (m_i, l_i, acc);
+    `kv_ok_rows`: which of the chunk's K and V rows to load."""
+    real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+    kv_offs, kv_ok = _head_tile(keys, kv_ok_rows, h, H, D, BLOCK_D)
+    k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
+    v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+    s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
+                   FP32_DOT, UPCAST_DOT)
+    s = tl.where(_ball_allowed(real, rows, keys, BALL, BLOCK_M <= BALL), s, float("-inf"))
+    return _online_softmax_step(s, v, m_i, l_i, acc, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+
+
+@triton.jit
 def _ball_attention_fwd_kernel(
     Q, K, V, POS, MASK, SIGMA, O, LSE,
     M, H, scale,
@@ -84,14 +101,9 @@ def _ball_attention_fwd_kernel(
     for start in range(0, KEY_SPAN, BLOCK_N):
         keys = key0 + start + tl.arange(0, BLOCK_N)
         keys_ok = keys < M
-        real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-        kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-        k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-        v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
-        s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
-                       FP32_DOT, UPCAST_DOT)
-        s = tl.where(_ball_allowed(real, rows, keys, BALL, BLOCK_M <= BALL), s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+        m_i, l_i, acc = _ball_fwd_chunk(q, m_i, l_i, acc, K, V, POS, MASK, rows, rows_ok, keys, keys_ok,
+                                        keys_ok, h, H, qk_scale, sig, D, DIM, BALL, BLOCK_M, BLOCK_D,
+                                        HAS_SIGMA, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
     out, lse = _online_softmax_finish(m_i, l_i, acc)
     tl.store(O + q_offs, out.to(O.dtype.element_ty), mask=q_ok)
     tl.store(LSE + rows * H + h, lse, mask=rows_ok)
@@ -140,14 +152,10 @@ def _ball_attention_fwd_heads_kernel(
         acc = tl.where(chunk == 0, 0.0, acc)
         keys = key0 + chunk * BLOCK_N + tl.arange(0, BLOCK_N)
         keys_ok = keys < M
-        real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-        kv_offs, kv_ok = _head_tile(keys, keys_ok & (tl.zeros_like(keys) + h < H), h, H, D, BLOCK_D)
-        k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-        v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
-        s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
-                       FP32_DOT, UPCAST_DOT)
-        s = tl.where(_ball_allowed(real, rows, keys, BALL, BLOCK_M <= BALL), s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+        m_i, l_i, acc = _ball_fwd_chunk(q, m_i, l_i, acc, K, V, POS, MASK, rows, rows_ok, keys, keys_ok,
+                                        keys_ok & (tl.zeros_like(keys) + h < H), h, H, qk_scale, sig,
+                                        D, DIM, BALL, BLOCK_M, BLOCK_D, HAS_SIGMA, FP32_DOT, UPCAST_DOT,
+                                        SPLIT_DOT)
         if chunk == CHUNKS - 1:
             out, lse = _online_softmax_finish(m_i, l_i, acc)
             tl.store(O + q_offs, out.to(O.dtype.element_ty), mask=q_ok)
@@ -401,15 +409,15 @@ def ball_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
     cfg = _fwd_config(ball_size, D, q.dtype)
     block_m, block_n, warps, stages = cfg["block_m"], cfg["block_n"], cfg["warps"], cfg["stages"]
     args = (q, k, v, pos, mask, q if sigma is None else sigma, out, lse, M, H, scale)
-    shape = dict(D=D, DIM=pos.shape[1], BALL=ball_size, KEY_SPAN=max(block_m, ball_size),
-                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(D), HAS_SIGMA=sigma is not None,
-                 **dot_modes(q.dtype), num_warps=warps, num_stages=stages)
+    constants = dict(D=D, DIM=pos.shape[1], BALL=ball_size, KEY_SPAN=max(block_m, ball_size),
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(D), HAS_SIGMA=sigma is not None,
+                     **dot_modes(q.dtype), num_warps=warps, num_stages=stages)
     heads = min(cfg["heads"], H)
     if heads > 1:
         wrap_triton(_ball_attention_fwd_heads_kernel)[(triton.cdiv(M, block_m), triton.cdiv(H, heads))](
-            *args, HG=heads, **shape)
+            *args, HG=heads, **constants)
     else:
-        wrap_triton(_ball_attention_fwd_kernel)[(triton.cdiv(M, block_m), H)](*args, **shape)
+        wrap_triton(_ball_attention_fwd_kernel)[(triton.cdiv(M, block_m), H)](*args, **constants)
     return out, lse
 
 

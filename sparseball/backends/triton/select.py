@@ -257,14 +257,14 @@ def select_blocks_op(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, po
     cfg = launch_config("select_blocks", default)
     args = (q, k_cmp, lse, pos, centers, mask, cblock_real, sblock_real, cloud_lo, cloud_hi,
             q if sigma is None else sigma, out, H, unit, exclude, scale)
-    shape = dict(D=D, DIM=pos.shape[1], CS=compress_size, SS=select_size, GS=group_size, TOPK=top_k,
-                 KP=max(16, triton.next_power_of_2(top_k)), BLOCK_M=max(qrows, 16),
-                 BLOCK_N=max(cfg["block_n"], per_block), BLOCK_D=block_d(D), HAS_SIGMA=sigma is not None,
-                 **dot_modes(q.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"])
+    constants = dict(D=D, DIM=pos.shape[1], CS=compress_size, SS=select_size, GS=group_size, TOPK=top_k,
+                     KP=max(16, triton.next_power_of_2(top_k)), BLOCK_M=max(qrows, 16),
+                     BLOCK_N=max(cfg["block_n"], per_block), BLOCK_D=block_d(D), HAS_SIGMA=sigma is not None,
+                     **dot_modes(q.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"])
     if cfg["heads_inside"] and group_size == qrows:
         wrap_triton(_select_blocks_heads_kernel)[(M // group_size,)](
-            *args, HP=triton.next_power_of_2(H), **shape)
+            *args, HP=triton.next_power_of_2(H), **constants)
     else:
         wrap_triton(_select_blocks_fwd_kernel)[(M // group_size, H)](
-            *args, QROWS=qrows, KEYS_AS_ROWS=cfg["keys_as_rows"], **shape)
+            *args, QROWS=qrows, KEYS_AS_ROWS=cfg["keys_as_rows"], **constants)
     return out
