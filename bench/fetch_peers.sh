@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
-python3 -m pip install --quiet cython numpy
+python3 -m pip install --quiet cython numpy setuptools wheel
 python3 -m pip download --no-deps --no-build-isolation -d .whl balltree-erwin==0.1.0 fla-core==0.6.0

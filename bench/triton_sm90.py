@@ -90,7 +90,7 @@ def build_all() -> list[dict]:
         sigma = torch.randn(H, dtype=dtype, requires_grad=True)
         outs = [ops.ball_attention(q, k, v, tree, 128, sigma, 0.1),
                 ops.ball_attention(q, k, v, tree, 16, sigma, 0.1)]
-        _common.CONFIG_OVERRIDES["ball_fwd"] = {"heads": 4}  # the tuning candidate
+        _common.CONFIG_OVERRIDES["ball_fwd"] = {"block_m": 64, "block_n": 32}  # a tuning candidate
         outs.append(ops.ball_attention(q, k, v, tree, 128, sigma, 0.1))
         _common.CONFIG_OVERRIDES.pop("ball_fwd")
         k_cmp, v_cmp = ops.compress(k, tree, 32), ops.compress(v, tree, 32)

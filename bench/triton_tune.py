@@ -33,12 +33,15 @@ HEADS, HEAD_DIM, BALL = 8, 64, 128
 # then triton_tune_h100_second.json); the default's own row comes first, as the reference.
 CANDIDATES = {
     # A ball of 128 is two key tiles of 64: little to overlap inside a program, yet 3 stages
-    # beat 2 (2.53 vs 3.10 ms at 1M points); residency (stages, warps per program) is the lever.
-    # heads > 1: several heads per program in one flat (head, key chunk) loop, which gives the
-    # software pipeline more than two chunks to overlap (the third sweep confirmed the tiles).
-    "ball_fwd": [{}] + [dict(heads=h, block_m=m, block_n=n, warps=w, stages=s) for h, m, n, w, s in (
-        (2, 128, 64, 4, 3), (4, 128, 64, 4, 3), (8, 128, 64, 4, 3), (4, 128, 64, 4, 2),
-        (4, 128, 64, 4, 4), (4, 64, 64, 4, 3), (8, 64, 128, 4, 3))],
+    # beat 2 (2.53 vs 3.10 ms at 1M points on an H100). The kernel holds 255 registers and
+    # spills (Nsight Compute on an H200, 2026-11-30: 2 programs of 4 warps per SM, 45% of issue
+    # slots used), so the candidates are smaller tiles: a half-ball of queries with key chunks
+    # of 32 or 16 compiles to 155 / 124 registers (3 / 4 programs per SM). Several heads per
+    # program in one flat (head, chunk) loop measured 3.3-5.1 ms against 2.48 on an H200 and
+    # was removed.
+    "ball_fwd": [{}] + [dict(block_m=m, block_n=n, warps=w, stages=s) for m, n, w, s in (
+        (64, 32, 4, 3), (64, 32, 4, 2), (64, 16, 4, 3), (64, 16, 4, 2), (128, 32, 4, 3),
+        (64, 32, 4, 4))],
     "ball_bwd": [{}] + [dict(one_pass=o, rows=r, block_n=n, warps=w, stages=s) for o, r, n, w, s in (
         (True, 128, 128, 4, 1), (True, 128, 64, 8, 2), (True, 128, 128, 8, 2),
         (False, 64, 0, 4, 2), (False, 64, 0, 4, 3))],
@@ -50,7 +53,12 @@ CANDIDATES = {
         dict(dkv=(8, 2)),
         dict(fwd=(4, 2)),
         dict(fwd=(8, 3)),
-        dict(key_rows=32, block_n=32, fwd=(4, 3), dq=(4, 2), dkv=(4, 2))],
+        dict(key_rows=32, block_n=32, fwd=(4, 3), dq=(4, 2), dkv=(4, 2)),
+        # A smaller forward key chunk: fewer registers (132 at 16 against 175-208), so more
+        # programs per SM.
+        dict(fwd_block_n=16),
+        dict(fwd_block_n=16, fwd=(4, 2)),
+        dict(fwd_block_n=32)],
     "compressed": [{}] + [dict(fwd=f, dq=q, dkv=k) for f, q, k in (
         ((64, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3)),
         ((128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2)),

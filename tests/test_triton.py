@@ -326,19 +326,6 @@ def test_select_blocks_three_heads(layout):
         check_select_blocks(problem, 1, 4, 2, 3, None)
 
 
-@pytest.mark.parametrize("heads_per_program", [2, 4])
-def test_ball_forward_heads_per_program(heads_per_program):
-    # The flat (head, key chunk) loop of _ball_attention_fwd_heads_kernel (a tuning candidate):
-    # 3 heads (at 2 per program, a padded head slot), small balls sharing a tile (1 chunk),
-    # balls of 128 (2 chunks) and 256 (4 chunks, float32); the backward checks its lse.
-    with launch_override("ball_fwd", heads=heads_per_program):
-        small = fixed_problem([70, 45, 3], 16, torch.bfloat16, heads=3, head_dim=16, seed=13)
-        check_ball(small, 16)
-        check_ball(small, 4)
-        check_ball(fixed_problem([135, 64], 128, torch.bfloat16, heads=3, head_dim=32, seed=14), 128)
-        check_ball(fixed_problem([300], 256, torch.float32, heads=3, head_dim=16, seed=15), 256)
-
-
 # Sizes the small drawn trees never reach: balls of 128 (one-pass backward over several key
 # chunks) and 256 (two-pass backward; for half inputs with the exact-delta kernel), clouds of
 # P >= 64 slots (single-cloud compressed kernels), selection blocks and groups of 128 (two
@@ -604,7 +591,8 @@ def test_large_against_torch_backend(dtype, points, clouds, head_dim, seed):
     both(lambda m, *x: m.selection_attention(*x[:3], tree, chosen, s, g, x[3], scale),
          [q, k, v, sigma], names, [top_k * s, top_k * s, M, M, M * top_k * s])
     names = ["ball/out", "ball/q", "ball/k", "ball/v", "ball/sigma"]
-    for override in ({}, {"heads": 4}):  # the default forward, and the tuning candidate
+    # The default forward, and a tuning candidate with half-ball query tiles and 4 key chunks.
+    for override in ({}, {"block_m": 64, "block_n": 32}):
         with launch_override("ball_fwd", **override):
             both(lambda m, *x: m.ball_attention(*x[:3], tree, 128, x[3], scale),
                  [q, k, v, sigma], names, [128, 128, 128, 128, M * 128])

@@ -108,6 +108,12 @@ def _dot_split(a, b, FP32: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constex
     """a @ b for a float32 `a` (probabilities, their gradients) and `b` in the input dtype."""
     if FP32:
         return _dot(a, b, FP32, UPCAST)
+    elif SPLIT and b.dtype == tl.bfloat16:
+        # hi: `a` truncated to bfloat16 by clearing its low 16 bits, one integer op, where
+        # rounding takes a conversion there and one back; lo = a - hi is then exact, and
+        # rounding it errs by 2^-15 relative to `a`.
+        hi32 = (a.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return _dot(hi32.to(b.dtype), b, FP32, UPCAST) + _dot((a - hi32).to(b.dtype), b, FP32, UPCAST)
     else:
         hi = a.to(b.dtype)
         out = _dot(hi, b, FP32, UPCAST)
@@ -176,17 +182,21 @@ def _saved_lse2(LSE, rows, rows_ok, h, H):
 
 
 @triton.jit
-def _logits(a, b, qk_scale, sig2, POS_A, rows, rows_ok, POS_B, cols, cols_ok, DIM: tl.constexpr,
+def _logits(a, b, qk_scale, sig2, shift, POS_A, rows, rows_ok, POS_B, cols, cols_ok, DIM: tl.constexpr,
             HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Attention logits `[rows, cols]` in the log2 domain: `a @ b^T * qk_scale` (the scale times
     log2 e) plus `sig2` (sigma times log2 e) times the distances from POS_A[rows] to
-    POS_B[cols] when sigma is on; and those distances (0.0 without sigma), for the sigma
-    gradient. Every forward and backward kernel forms its logits here."""
-    s = _dot(a, tl.trans(b), FP32_DOT, UPCAST_DOT) * qk_scale
+    POS_B[cols] when sigma is on, plus `shift` (0.0, or minus the saved lse for a backward's
+    exp2: folded in here it costs no instruction of its own, one fused multiply-add forms
+    each term); and those distances (0.0 without sigma), for the sigma gradient. Every
+    forward and backward kernel forms its logits here."""
+    s = _dot(a, tl.trans(b), FP32_DOT, UPCAST_DOT)
     dist = 0.0
     if HAS_SIGMA:
         dist = _distance(POS_A, rows, rows_ok, POS_B, cols, cols_ok, DIM)
-        s += sig2 * dist
+        s = s * qk_scale + (sig2 * dist + shift)
+    else:
+        s = s * qk_scale + shift
     return s, dist
 
 

@@ -55,17 +55,16 @@ def _ball_allowed(real, rows, keys, BALL: tl.constexpr, ONE_BALL: tl.constexpr):
 
 
 @triton.jit
-def _ball_fwd_chunk(q, m_i, l_i, acc, K, V, POS, MASK, rows, rows_ok, keys, keys_ok, kv_ok_rows, h, H,
+def _ball_fwd_chunk(q, m_i, l_i, acc, K, V, POS, MASK, rows, rows_ok, keys, keys_ok, h, H,
                     qk_scale, sig, D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SIGMA: tl.constexpr,
                     FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, SPLIT_DOT: tl.constexpr):
-    """Fold the key chunk `keys` of head `h` into the rows' streamed softmax (m_i, l_i, acc);
-    `kv_ok_rows`: which of the chunk's K and V rows to load."""
+    """Fold the key chunk `keys` of head `h` into the rows' streamed softmax (m_i, l_i, acc)."""
     real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-    kv_offs, kv_ok = _head_tile(keys, kv_ok_rows, h, H, D, BLOCK_D)
+    kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
     k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
     v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
-    s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
+    s, _ = _logits(q, k, qk_scale, sig, 0.0, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
                    FP32_DOT, UPCAST_DOT)
     s = tl.where(_ball_allowed(real, rows, keys, BALL, BLOCK_M <= BALL), s, float("-inf"))
     return _online_softmax_step(s, v, m_i, l_i, acc, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
@@ -102,64 +101,11 @@ def _ball_attention_fwd_kernel(
         keys = key0 + start + tl.arange(0, BLOCK_N)
         keys_ok = keys < M
         m_i, l_i, acc = _ball_fwd_chunk(q, m_i, l_i, acc, K, V, POS, MASK, rows, rows_ok, keys, keys_ok,
-                                        keys_ok, h, H, qk_scale, sig, D, DIM, BALL, BLOCK_M, BLOCK_D,
+                                        h, H, qk_scale, sig, D, DIM, BALL, BLOCK_M, BLOCK_D,
                                         HAS_SIGMA, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
     out, lse = _online_softmax_finish(m_i, l_i, acc)
     tl.store(O + q_offs, out.to(O.dtype.element_ty), mask=q_ok)
     tl.store(LSE + rows * H + h, lse, mask=rows_ok)
-
-
-@triton.jit
-def _ball_attention_fwd_heads_kernel(
-    Q, K, V, POS, MASK, SIGMA, O, LSE,
-    M, H, scale,
-    D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr, KEY_SPAN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HG: tl.constexpr,
-    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    SPLIT_DOT: tl.constexpr,
-):
-    """The forward for HG heads per program, in one flat loop over (head, key chunk): the
-    per-head kernel's key loop has only KEY_SPAN / BLOCK_N chunks (2 for balls of 128) for the
-    compiler's software pipeline to overlap; here it can prefetch the next head's keys and
-    values while a chunk computes. Each head starts from a fresh softmax state and stores at its
-    last chunk; its q tile is loaded at every chunk (a cache hit after the first)."""
-    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
-    pid = tl.program_id(0)
-    h0 = tl.program_id(1) * HG
-    row0 = pid.to(tl.int64) * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    rows_ok = rows < M
-    qk_scale = scale * LOG2E
-    key0 = (row0 // KEY_SPAN) * KEY_SPAN
-    CHUNKS: tl.constexpr = KEY_SPAN // BLOCK_N
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for step in range(0, HG * CHUNKS):
-        h = h0 + step // CHUNKS
-        chunk = step % CHUNKS
-        # As a row vector: the CPU interpreter rejects a scalar condition and-ed into a mask.
-        rows_head_ok = rows_ok & (tl.zeros_like(rows) + h < H)
-        q_offs, q_ok = _head_tile(rows, rows_head_ok, h, H, D, BLOCK_D)
-        q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
-        sig = 0.0
-        if HAS_SIGMA:
-            sig = tl.load(SIGMA + tl.minimum(h, H - 1)).to(tl.float32) * LOG2E  # a padded head: any
-        # A fresh state per head. Resetting m alone would zero l and acc through the step's
-        # rescaling by exp2(-inf), but not a NaN or inf the previous head left in them.
-        m_i = tl.where(chunk == 0, float("-inf"), m_i)
-        l_i = tl.where(chunk == 0, 0.0, l_i)
-        acc = tl.where(chunk == 0, 0.0, acc)
-        keys = key0 + chunk * BLOCK_N + tl.arange(0, BLOCK_N)
-        keys_ok = keys < M
-        m_i, l_i, acc = _ball_fwd_chunk(q, m_i, l_i, acc, K, V, POS, MASK, rows, rows_ok, keys, keys_ok,
-                                        keys_ok & (tl.zeros_like(keys) + h < H), h, H, qk_scale, sig,
-                                        D, DIM, BALL, BLOCK_M, BLOCK_D, HAS_SIGMA, FP32_DOT, UPCAST_DOT,
-                                        SPLIT_DOT)
-        if chunk == CHUNKS - 1:
-            out, lse = _online_softmax_finish(m_i, l_i, acc)
-            tl.store(O + q_offs, out.to(O.dtype.element_ty), mask=q_ok)
-            tl.store(LSE + rows * H + h, lse, mask=rows_head_ok)
 
 
 @triton.jit
@@ -168,10 +114,9 @@ def _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig, qk_sca
                 HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Probabilities [rows, keys] recomputed from the saved lse (log2 domain, `lse2`), and the
     distances when sigma is on (else 0)."""
-    s, dist = _logits(q, k, qk_scale, sig * LOG2E, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
-                      FP32_DOT, UPCAST_DOT)
-    allowed = _ball_allowed(real, rows, keys, BALL, ONE_BALL)
-    p = tl.exp2(tl.where(allowed, s, float("-inf")) - lse2[:, None])
+    s, dist = _logits(q, k, qk_scale, sig * LOG2E, -lse2[:, None], POS, rows, rows_ok, POS, keys, keys_ok,
+                      DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+    p = tl.exp2(tl.where(_ball_allowed(real, rows, keys, BALL, ONE_BALL), s, float("-inf")))
     return p, dist
 
 
@@ -325,12 +270,12 @@ def _ball_attention_bwd_two_pass_kernel(
         delta = tl.load(DELTA + qrows * H + h, mask=qrows_ok, other=0.0)
         lse2 = _saved_lse2(LSE, qrows, qrows_ok, h, H)
         # Transposed logits [keys, queries]: the accumulators are per key.
-        st, _ = _logits(k, q, qk_scale, sig * LOG2E, POS, own, own_ok, POS, qrows, qrows_ok, DIM, HAS_SIGMA,
-                        FP32_DOT, UPCAST_DOT)
+        st, _ = _logits(k, q, qk_scale, sig * LOG2E, -lse2[None, :], POS, own, own_ok, POS, qrows, qrows_ok,
+                        DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
         allowed = real[:, None]
         if CHUNK > BALL:  # the chunk holds several balls (else all its rows are one ball)
             allowed = allowed & ((own[:, None] // BALL) == (qrows[None, :] // BALL))
-        pt = tl.exp2(tl.where(allowed, st, float("-inf")) - lse2[None, :])
+        pt = tl.exp2(tl.where(allowed, st, float("-inf")))
         dv += _dot_split(pt, do, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
         dpt = _dot(v, tl.trans(do), FP32_DOT, UPCAST_DOT)
         dst = pt * (dpt - delta[None, :])
@@ -375,9 +320,7 @@ def _fwd_config(ball_size: int, head_dim: int, dtype: torch.dtype) -> dict:
     else:  # bench/triton_tune.py on an H100 (2026-11-23), 1M points, ball 128: 3.54 -> 3.12 ms
         # (tiles), -> 2.53 ms (3 stages; bench/results/triton_tune_h100_second.json)
         config = dict(block_m=128, block_n=64, warps=4, stages=3)
-    # heads: heads per program (> 1: _ball_attention_fwd_heads_kernel); not yet measured on a
-    # GPU, so 1 by default and a candidate of bench/triton_tune.py.
-    return launch_config("ball_fwd", {**config, "heads": 1})
+    return launch_config("ball_fwd", config)
 
 
 def _bwd_config(ball_size: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -412,12 +355,7 @@ def ball_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
     constants = dict(D=D, DIM=pos.shape[1], BALL=ball_size, KEY_SPAN=max(block_m, ball_size),
                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(D), HAS_SIGMA=sigma is not None,
                      **dot_modes(q.dtype), num_warps=warps, num_stages=stages)
-    heads = min(cfg["heads"], H)
-    if heads > 1:
-        wrap_triton(_ball_attention_fwd_heads_kernel)[(triton.cdiv(M, block_m), triton.cdiv(H, heads))](
-            *args, HG=heads, **constants)
-    else:
-        wrap_triton(_ball_attention_fwd_kernel)[(triton.cdiv(M, block_m), H)](*args, **constants)
+    wrap_triton(_ball_attention_fwd_kernel)[(triton.cdiv(M, block_m), H)](*args, **constants)
     return out, lse
 
 

@@ -141,7 +141,7 @@ def _compressed_attention_fwd_kernel(
         kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
         k = tl.load(KC + kv_offs, mask=kv_ok, other=0.0)
         v = tl.load(VC + kv_offs, mask=kv_ok, other=0.0)
-        s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM, HAS_SIGMA,
+        s, _ = _logits(q, k, qk_scale, sig, 0.0, POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM, HAS_SIGMA,
                        FP32_DOT, UPCAST_DOT)
         allowed = real[None, :]
         if not SINGLE_CLOUD:
@@ -159,12 +159,12 @@ def _compressed_probs(q, k, rows, rows_ok, keys, keys_ok, lo, hi, real, lse2, PO
                       HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Probabilities [rows, compressed keys] recomputed from the saved lse (log2 domain), and
     the distances when sigma is on (else 0)."""
-    s, dist = _logits(q, k, qk_scale, sig * LOG2E, POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM, HAS_SIGMA,
-                      FP32_DOT, UPCAST_DOT)
+    s, dist = _logits(q, k, qk_scale, sig * LOG2E, -lse2[:, None], POS, rows, rows_ok, CENTERS, keys, keys_ok,
+                      DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
     allowed = real[None, :]
     if not SINGLE_CLOUD:
         allowed = allowed & (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
-    p = tl.exp2(tl.where(allowed, s, float("-inf")) - lse2[:, None])
+    p = tl.exp2(tl.where(allowed, s, float("-inf")))
     return p, dist
 
 
@@ -272,12 +272,12 @@ def _compressed_attention_bwd_dkv_kernel(
         delta = tl.load(DELTA + rows * H + h, mask=rows_ok, other=0.0)
         lse2 = _saved_lse2(LSE, rows, rows_ok, h, H)
         # Transposed logits [keys, queries]: the accumulators are per key.
-        st, _ = _logits(k, q, qk_scale, sig, CENTERS, keys, keys_ok, POS, rows, rows_ok, DIM, HAS_SIGMA,
-                        FP32_DOT, UPCAST_DOT)
+        st, _ = _logits(k, q, qk_scale, sig, -lse2[None, :], CENTERS, keys, keys_ok, POS, rows, rows_ok, DIM,
+                        HAS_SIGMA, FP32_DOT, UPCAST_DOT)
         allowed = real[:, None]
         if not SINGLE_CLOUD:
             allowed = allowed & (rows[None, :] >= lo[:, None]) & (rows[None, :] < hi[:, None])
-        pt = tl.exp2(tl.where(allowed, st, float("-inf")) - lse2[None, :])
+        pt = tl.exp2(tl.where(allowed, st, float("-inf")))
         dv += _dot_split(pt, do, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
         dpt = _dot(v, tl.trans(do), FP32_DOT, UPCAST_DOT)
         dst = pt * (dpt - delta[None, :])

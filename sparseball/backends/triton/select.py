@@ -148,16 +148,16 @@ def _select_blocks_fwd_kernel(
             if KEYS_AS_ROWS:
                 # Logits transposed, [keys, rows]: the sum over the group's rows then runs
                 # along each key's row of the dot's tile, inside a warp, not across warps.
-                st, _ = _logits(k, q, qk_scale, sig, CENTERS, keys, keys_ok, POS, rows, rows_ok, DIM,
-                                HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+                st, _ = _logits(k, q, qk_scale, sig, -lse2[None, :], CENTERS, keys, keys_ok, POS, rows,
+                                rows_ok, DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
                 allowed = kreal[:, None] & rreal[None, :]
-                pt = tl.exp2(tl.where(allowed, st - lse2[None, :], float("-inf")))
+                pt = tl.exp2(tl.where(allowed, st, float("-inf")))
                 colsum += tl.sum(pt, axis=1)
             else:
-                s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM,
-                               HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+                s, _ = _logits(q, k, qk_scale, sig, -lse2[:, None], POS, rows, rows_ok, CENTERS, keys,
+                               keys_ok, DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
                 allowed = rreal[:, None] & kreal[None, :]
-                p = tl.exp2(tl.where(allowed, s - lse2[:, None], float("-inf")))
+                p = tl.exp2(tl.where(allowed, s, float("-inf")))
                 colsum += tl.sum(p, axis=0)
         blocks, cand = _chunk_blocks(start, hi, SBLOCK_REAL, excl_lo, excl_hi, SS, R, NW)
         top, threshold = _topk_insert(top, threshold, _packed_candidates(colsum, blocks, cand, R, NW))
@@ -212,11 +212,15 @@ def _select_blocks_heads_kernel(
                         mask=keys_ok[:, None] & dims_ok[None, :], other=0.0)
             q = tl.load(Q + rows[:, None] * stride + h * D + dims[None, :],
                         mask=rows_ok[:, None] & dims_ok[None, :], other=0.0)
-            st = _dot(k, tl.trans(q), FP32_DOT, UPCAST_DOT) * qk_scale
+            # The distances are shared by the heads, so the logits are formed here rather than
+            # by _logits (same fused multiply-adds: the lse folded in).
+            shift = -_saved_lse2(LSE, rows, rows_ok, h, H)[None, :]
+            st = _dot(k, tl.trans(q), FP32_DOT, UPCAST_DOT)
             if HAS_SIGMA:
-                st += (tl.load(SIGMA + h).to(tl.float32) * LOG2E) * dist
-            lse2 = _saved_lse2(LSE, rows, rows_ok, h, H)
-            pt = tl.exp2(tl.where(allowed, st - lse2[None, :], float("-inf")))
+                st = st * qk_scale + ((tl.load(SIGMA + h).to(tl.float32) * LOG2E) * dist + shift)
+            else:
+                st = st * qk_scale + shift
+            pt = tl.exp2(tl.where(allowed, st, float("-inf")))
             packed = _packed_candidates(tl.sum(pt, axis=1), blocks, cand, R, NW)
             is_h = heads == h
             threshold = tl.sum(tl.where(is_h, thresholds, 0), axis=0)

@@ -40,12 +40,12 @@ def _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig, q
                      UPCAST_DOT: tl.constexpr):
     """Probabilities [rows, keys of one selected block] recomputed from the saved lse (log2
     domain), and the distances when sigma is on (else 0)."""
-    s, dist = _logits(q, k, qk_scale, sig * LOG2E, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
-                      FP32_DOT, UPCAST_DOT)
+    s, dist = _logits(q, k, qk_scale, sig * LOG2E, -lse2[:, None], POS, rows, rows_ok, POS, keys, keys_ok,
+                      DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
     # Rows padding the tile (small groups) have lse 0: exp2 of their logits could overflow
     # and turn the sigma partial sums into NaN, so they are masked too.
     allowed = real[None, :] & rows_ok[:, None]
-    p = tl.exp2(tl.where(allowed, s, float("-inf")) - lse2[:, None])
+    p = tl.exp2(tl.where(allowed, s, float("-inf")))
     return p, dist
 
 
@@ -97,7 +97,7 @@ def _selection_attention_fwd_kernel(
         for sub in tl.static_range(0, SS, BLOCK_N):
             keys, keys_ok, real, k, v = _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub,
                                                        SS, D, BLOCK_N, BLOCK_D)
-            s, _ = _logits(q, k, qk_scale, sig, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
+            s, _ = _logits(q, k, qk_scale, sig, 0.0, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
                            FP32_DOT, UPCAST_DOT)
             s = tl.where(real[None, :], s, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
@@ -208,10 +208,10 @@ def _selection_attention_bwd_dkv_kernel(
             delta = tl.load(DELTA + rows * H + h, mask=rows_ok, other=0.0)
             lse2 = _saved_lse2(LSE, rows, rows_ok, h, H)
             # Transposed logits [keys, queries]: the accumulators are per key.
-            st, _ = _logits(k, q, qk_scale, sig, POS, keys, keys_ok, POS, rows, rows_ok, DIM, HAS_SIGMA,
-                            FP32_DOT, UPCAST_DOT)
+            st, _ = _logits(k, q, qk_scale, sig, -lse2[None, :], POS, keys, keys_ok, POS, rows, rows_ok, DIM,
+                            HAS_SIGMA, FP32_DOT, UPCAST_DOT)
             allowed = real[:, None] & rows_ok[None, :]
-            pt = tl.exp2(tl.where(allowed, st, float("-inf")) - lse2[None, :])
+            pt = tl.exp2(tl.where(allowed, st, float("-inf")))
             dv += _dot_split(pt, do, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
             dpt = _dot(v, tl.trans(do), FP32_DOT, UPCAST_DOT)
             dst = pt * (dpt - delta[None, :])
@@ -226,6 +226,9 @@ def _config(select_size: int, group_size: int, head_dim: int, dtype: torch.dtype
     rows = min(group_size, 64)
     key_rows = min(select_size, 64)
     tiles = dict(rows=rows, block_m=max(rows, 16), key_rows=key_rows, block_n=max(key_rows, 16))
+    # The forward's key chunk (a divisor of the block): smaller chunks hold fewer registers
+    # (logits, distances and the key positions broadcast over the rows scale with it).
+    tiles["fwd_block_n"] = tiles["block_n"]
     if dtype == torch.float32:
         launch = dict(fwd=(8 if head_dim > 64 else 4, 1), dq=(8 if head_dim > 64 else 4, 1), dkv=(8, 1))
     elif head_dim > 64:
@@ -262,7 +265,7 @@ def selection_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         q, k, v, pos, mask, indices, q if sigma is None else sigma, out, lse,
         M, H, indices.shape[2], scale,
         D=D, DIM=pos.shape[1], SS=select_size, GS=group_size, ROWS=cfg["rows"],
-        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=block_d(D),
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["fwd_block_n"], BLOCK_D=block_d(D),
         HAS_SIGMA=sigma is not None, **dot_modes(q.dtype),
         num_warps=cfg["fwd"][0], num_stages=cfg["fwd"][1],
     )
