@@ -35,10 +35,10 @@ CANDIDATES = {
     # A ball of 128 is two key tiles of 64: little to overlap inside a program, yet 3 stages
     # beat 2 (2.53 vs 3.10 ms at 1M points on an H100). The kernel holds 255 registers and
     # spills (Nsight Compute on an H200, 2026-11-30: 2 programs of 4 warps per SM, 45% of issue
-    # slots used), so the candidates are smaller tiles: a half-ball of queries with key chunks
-    # of 32 or 16 compiles to 155 / 124 registers (3 / 4 programs per SM). Several heads per
-    # program in one flat (head, chunk) loop measured 3.3-5.1 ms against 2.48 on an H200 and
-    # was removed.
+    # slots used). Smaller tiles, a half-ball of queries with key chunks of 32 or 16 (155 / 124
+    # registers, 3 / 4 programs per SM), measured slower all the same on the H200: 2.55-3.84 ms
+    # against 2.30 (bench/results/triton_tune_h200.json). Several heads per program in one flat
+    # (head, chunk) loop measured 3.3-5.1 ms against 2.48 there and was removed.
     "ball_fwd": [{}] + [dict(block_m=m, block_n=n, warps=w, stages=s) for m, n, w, s in (
         (64, 32, 4, 3), (64, 32, 4, 2), (64, 16, 4, 3), (64, 16, 4, 2), (128, 32, 4, 3),
         (64, 32, 4, 4))],
@@ -46,19 +46,14 @@ CANDIDATES = {
         (True, 128, 128, 4, 1), (True, 128, 64, 8, 2), (True, 128, 128, 8, 2),
         (False, 64, 0, 4, 2), (False, 64, 0, 4, 3))],
     "selection": [{}] + [
-        dict(dq=(4, 2)),
+        dict(dq=(4, 1)),
         dict(dq=(4, 3)),
         dict(dq=(8, 2)),
         dict(dkv=(4, 3)),
         dict(dkv=(8, 2)),
         dict(fwd=(4, 2)),
         dict(fwd=(8, 3)),
-        dict(key_rows=32, block_n=32, fwd=(4, 3), dq=(4, 2), dkv=(4, 2)),
-        # A smaller forward key chunk: fewer registers (132 at 16 against 175-208), so more
-        # programs per SM.
-        dict(fwd_block_n=16),
-        dict(fwd_block_n=16, fwd=(4, 2)),
-        dict(fwd_block_n=32)],
+        dict(key_rows=32, block_n=32, fwd=(4, 3), dq=(4, 2), dkv=(4, 2))],
     "compressed": [{}] + [dict(fwd=f, dq=q, dkv=k) for f, q, k in (
         ((64, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3)),
         ((128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2)),

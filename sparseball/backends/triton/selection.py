@@ -226,15 +226,13 @@ def _config(select_size: int, group_size: int, head_dim: int, dtype: torch.dtype
     rows = min(group_size, 64)
     key_rows = min(select_size, 64)
     tiles = dict(rows=rows, block_m=max(rows, 16), key_rows=key_rows, block_n=max(key_rows, 16))
-    # The forward's key chunk (a divisor of the block): smaller chunks hold fewer registers
-    # (logits, distances and the key positions broadcast over the rows scale with it).
-    tiles["fwd_block_n"] = tiles["block_n"]
     if dtype == torch.float32:
         launch = dict(fwd=(8 if head_dim > 64 else 4, 1), dq=(8 if head_dim > 64 else 4, 1), dkv=(8, 1))
     elif head_dim > 64:
         launch = dict(fwd=(8, 2), dq=(8, 2), dkv=(8, 2))
-    else:  # bench/triton_tune.py on an H100 (2026-11-23), 1M points: fwd+bwd 130 -> ~90 ms
-        launch = dict(fwd=(4, 3), dq=(4, 1), dkv=(4, 2))
+    else:  # bench/triton_tune.py on an H100 (2026-11-23), 1M points: fwd+bwd 130 -> ~90 ms;
+        # on an H200 (2026-11-30) dq with 2 stages: 86.1 -> 83.7 ms
+        launch = dict(fwd=(4, 3), dq=(4, 2), dkv=(4, 2))
     return launch_config("selection", {**tiles, **launch})
 
 
@@ -265,7 +263,7 @@ def selection_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         q, k, v, pos, mask, indices, q if sigma is None else sigma, out, lse,
         M, H, indices.shape[2], scale,
         D=D, DIM=pos.shape[1], SS=select_size, GS=group_size, ROWS=cfg["rows"],
-        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["fwd_block_n"], BLOCK_D=block_d(D),
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=block_d(D),
         HAS_SIGMA=sigma is not None, **dot_modes(q.dtype),
         num_warps=cfg["fwd"][0], num_stages=cfg["fwd"][1],
     )
