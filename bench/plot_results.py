@@ -1,9 +1,10 @@
 """Figures of the committed GPU results, for docs/benchmarks.md: how tree construction time
 grows with the cloud (CuPy, Numba, Erwin) and where ball attention stands between the memory
-floor and Erwin's way. Reads bench/results/*_h100.json; needs matplotlib (`pip install
-'.[plots]'`).
+floor and Erwin's way. Reads bench/results/{tree_gpu,triton_ops}_<gpu>.json; needs matplotlib
+(`pip install '.[plots]'`).
 
-    python3 bench/plot_results.py            # writes docs/img/*.png
+    python3 bench/plot_results.py            # writes docs/img/*_h200.png
+    python3 bench/plot_results.py --gpu h100
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=pathlib.Path, default=ROOT / "bench" / "results")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "img")
+    parser.add_argument("--gpu", default="h200", help="the results' suffix: h200 or h100")
     args = parser.parse_args()
     import matplotlib
 
@@ -69,10 +71,10 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     args.out.mkdir(parents=True, exist_ok=True)
-    tree = json.loads((args.results / "tree_gpu_h100.json").read_text())
-    tree_growth(tree, args.out / "tree_growth_h100.png", plt)
-    triton = json.loads((args.results / "triton_ops_h100.json").read_text())
-    ball_attention(triton, args.out / "ball_attention_h100.png", plt)
+    tree = json.loads((args.results / f"tree_gpu_{args.gpu}.json").read_text())
+    tree_growth(tree, args.out / f"tree_growth_{args.gpu}.png", plt)
+    triton = json.loads((args.results / f"triton_ops_{args.gpu}.json").read_text())
+    ball_attention(triton, args.out / f"ball_attention_{args.gpu}.png", plt)
     print("wrote", *sorted(p.name for p in args.out.glob("*.png")))
 
 

@@ -51,7 +51,8 @@ def block_d(head_dim: int) -> int:
 # their gradients dS) split it into two half-precision parts, hi + lo, and run two tensor-core
 # dots. Rounding P to one half (the usual FlashAttention way) errs by 2^-9 relative for
 # bfloat16, ~7x over the project's tolerance rule (tests/helpers.py); the split errs by
-# 2^-17. It costs one more dot for P @ V, dS @ K, dS^T @ Q and P^T @ dO. Benchmarks may set
+# 2^-15 (bfloat16, truncated hi: see `_dot_split`) or 2^-22 (float16). It costs one more dot
+# for P @ V, dS @ K, dS^T @ Q and P^T @ dO. Benchmarks may set
 # this False to measure the one-dot way.
 SPLIT_HALF_PRODUCTS = True
 
