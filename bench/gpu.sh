@@ -11,7 +11,8 @@
 # On an H100 (2026-11-23): tests ~270 s, triton ~200 s (TRITON_ARGS="--only compressed": ~45 s),
 # tree ~100 s, profile ~30 s, tune ~280 s (TUNE_ARGS="--only select_blocks": ~60 s); the device
 # tool allows 600 s per call, so split: `bash bench/gpu.sh tests tree`, then
-# `bash bench/gpu.sh triton demo` (carry .whl for the peers).
+# `bash bench/gpu.sh triton demo` (carry .whl for the peers). On an H200 (2026-11-30): tests
+# 190 s, triton + tree 212 s, torch 59 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
