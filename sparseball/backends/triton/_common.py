@@ -190,15 +190,23 @@ def _logits(a, b, qk_scale, sig2, shift, POS_A, rows, rows_ok, POS_B, cols, cols
     POS_B[cols] when sigma is on, plus `shift` (0.0, or minus the saved lse for a backward's
     exp2: folded in here it costs no instruction of its own, one fused multiply-add forms
     each term); and those distances (0.0 without sigma), for the sigma gradient. Every
-    forward and backward kernel forms its logits here."""
-    s = _dot(a, tl.trans(b), FP32_DOT, UPCAST_DOT)
+    forward and backward kernel forms its logits here (one sharing distances across heads,
+    through `_scaled_logits`)."""
+    dots = _dot(a, tl.trans(b), FP32_DOT, UPCAST_DOT)
     dist = 0.0
     if HAS_SIGMA:
         dist = _distance(POS_A, rows, rows_ok, POS_B, cols, cols_ok, DIM)
-        s = s * qk_scale + (sig2 * dist + shift)
+    return _scaled_logits(dots, qk_scale, sig2, dist, shift, HAS_SIGMA), dist
+
+
+@triton.jit
+def _scaled_logits(dots, qk_scale, sig2, dist, shift, HAS_SIGMA: tl.constexpr):
+    """`dots * qk_scale + sig2 * dist + shift` as fused multiply-adds (`_logits`' last step, for
+    kernels that compute the distances once for several heads)."""
+    if HAS_SIGMA:
+        return dots * qk_scale + (sig2 * dist + shift)
     else:
-        s = s * qk_scale + shift
-    return s, dist
+        return dots * qk_scale + shift
 
 
 @triton.jit

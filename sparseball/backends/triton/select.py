@@ -25,6 +25,7 @@ from ._common import (
     _dot,
     _logits,
     _saved_lse2,
+    _scaled_logits,
     block_d,
     dot_modes,
     launch_config,
@@ -212,14 +213,12 @@ def _select_blocks_heads_kernel(
                         mask=keys_ok[:, None] & dims_ok[None, :], other=0.0)
             q = tl.load(Q + rows[:, None] * stride + h * D + dims[None, :],
                         mask=rows_ok[:, None] & dims_ok[None, :], other=0.0)
-            # The distances are shared by the heads, so the logits are formed here rather than
-            # by _logits (same fused multiply-adds: the lse folded in).
             shift = -_saved_lse2(LSE, rows, rows_ok, h, H)[None, :]
-            st = _dot(k, tl.trans(q), FP32_DOT, UPCAST_DOT)
+            dots = _dot(k, tl.trans(q), FP32_DOT, UPCAST_DOT)
+            sig2 = 0.0
             if HAS_SIGMA:
-                st = st * qk_scale + ((tl.load(SIGMA + h).to(tl.float32) * LOG2E) * dist + shift)
-            else:
-                st = st * qk_scale + shift
+                sig2 = tl.load(SIGMA + h).to(tl.float32) * LOG2E
+            st = _scaled_logits(dots, qk_scale, sig2, dist, shift, HAS_SIGMA)
             pt = tl.exp2(tl.where(allowed, st, float("-inf")))
             packed = _packed_candidates(tl.sum(pt, axis=1), blocks, cand, R, NW)
             is_h = heads == h
