@@ -247,7 +247,8 @@ def _config(select_size: int, group_size: int, head_dim: int, dtype: torch.dtype
     elif head_dim > 64:
         launch = dict(fwd=(8, 2), dq=(8, 2), dkv=(8, 2))
     else:  # bench/triton_tune.py on an H100 (2026-11-23), 1M points: fwd+bwd 130 -> ~90 ms;
-        # on an H200 (2026-11-30) dq with 2 stages: 86.1 -> 83.7 ms
+        # on an H200 (2026-11-30) dq with 2 stages: 86.1 -> 83.7 ms; still the best for the
+        # one-pass dq kernel (69.5 ms; bench/results/triton_tune_h200_onepass.json)
         launch = dict(fwd=(4, 3), dq=(4, 2), dkv=(4, 2))
     return launch_config("selection", {**tiles, **launch})
 
