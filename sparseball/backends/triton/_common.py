@@ -152,6 +152,35 @@ def _online_softmax_finish(m_i, l_i, acc):
 
 
 @triton.jit
+def _dq_exact_delta_step(p, dp, dist, k, dq, pk, delta, dsig, pdist, HAS_SIGMA: tl.constexpr,
+                         FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, SPLIT_DOT: tl.constexpr):
+    """One key chunk of a dq kernel that forms the exact delta_i = sum_j P_ij dP_ij in the same
+    pass: with dS = P (dP - delta), dq = sum_j P dP k_j - delta sum_j P k_j and the sigma
+    gradient sum_j P dP dist_j - delta sum_j P dist_j, so the pass sums P dP and P against k
+    (`dq`, `pk`) and the distances (`dsig`, `pdist`; scalars without sigma) next to delta, and
+    `_dq_exact_delta_finish` subtracts. The logits, distances and exp2, the per-logit work
+    that bounds these kernels, are then formed once per key instead of in a delta pass and
+    again in a dq pass, for two more tensor-core dots."""
+    pdp = p * dp
+    delta += tl.sum(pdp, axis=1)
+    dq += _dot_split(pdp, k, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+    pk += _dot_split(p, k, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+    if HAS_SIGMA:
+        dsig += tl.sum(pdp * dist, axis=1)
+        pdist += tl.sum(p * dist, axis=1)
+    return dq, pk, delta, dsig, pdist
+
+
+@triton.jit
+def _dq_exact_delta_finish(dq, pk, delta, dsig, pdist, HAS_SIGMA: tl.constexpr):
+    """dq (unscaled) and the sigma gradient's row sums from `_dq_exact_delta_step`'s sums."""
+    dq -= delta[:, None] * pk
+    if HAS_SIGMA:
+        dsig -= delta * pdist
+    return dq, dsig
+
+
+@triton.jit
 def _distance(pos_a, rows, rows_ok, pos_b, cols, cols_ok, DIM: tl.constexpr):
     """Euclidean distances `[len(rows), len(cols)]` between float32 points `pos_a[rows]` and
     `pos_b[cols]` (both `[*, DIM]`), by coordinate differences: ||a||^2 + ||b||^2 - 2ab would

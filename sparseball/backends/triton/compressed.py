@@ -20,6 +20,8 @@ from ._common import (
     LOG2E,
     _dot,
     _dot_split,
+    _dq_exact_delta_finish,
+    _dq_exact_delta_step,
     _head_tile,
     _logits,
     _online_softmax_finish,
@@ -178,8 +180,9 @@ def _compressed_attention_bwd_dq_kernel(
     HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
-    """EXACT_DELTA: form delta_i = sum_j P_ij dP_ij in a first pass over the keys and store it
-    for the dk/dv kernel; otherwise DELTA holds dO_i . O_i already."""
+    """EXACT_DELTA: form delta_i = sum_j P_ij dP_ij in the same pass as dq
+    (`_dq_exact_delta_step`) and store it for the dk/dv kernel; otherwise DELTA holds
+    dO_i . O_i already."""
     scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -192,27 +195,17 @@ def _compressed_attention_bwd_dq_kernel(
     lo, hi, tile_lo, tile_hi = _row_key_range(CLOUD_LO, CLOUD_HI, rows, rows_ok, UNIT, CS)
     qk_scale = scale * LOG2E
     sig = 0.0
+    dsig = 0.0
     if HAS_SIGMA:
         sig = tl.load(SIGMA + h).to(tl.float32)
         dsig = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if EXACT_DELTA:
         delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for start in range(tile_lo, tile_hi, BLOCK_N):
-            keys = start + tl.arange(0, BLOCK_N)
-            keys_ok = keys < tile_hi
-            real = tl.load(BLOCK_REAL + keys, mask=keys_ok, other=0) != 0
-            kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-            k = tl.load(KC + kv_offs, mask=kv_ok, other=0.0)
-            v = tl.load(VC + kv_offs, mask=kv_ok, other=0.0)
-            p, dist = _compressed_probs(q, k, rows, rows_ok, keys, keys_ok, lo, hi, real, lse2,
-                                        POS, CENTERS, sig, qk_scale, DIM, SINGLE_CLOUD,
-                                        HAS_SIGMA, FP32_DOT, UPCAST_DOT)
-            dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
-            delta += tl.sum(p * dp, axis=1)
-        tl.store(DELTA + rows * H + h, delta, mask=rows_ok)
+        pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        pdist = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
         delta = tl.load(DELTA + rows * H + h, mask=rows_ok, other=0.0)
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start in range(tile_lo, tile_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         keys_ok = keys < tile_hi
@@ -224,10 +217,17 @@ def _compressed_attention_bwd_dq_kernel(
                                     POS, CENTERS, sig, qk_scale, DIM, SINGLE_CLOUD,
                                     HAS_SIGMA, FP32_DOT, UPCAST_DOT)
         dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
-        ds = p * (dp - delta[:, None])
-        dq += _dot_split(ds, k, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
-        if HAS_SIGMA:
-            dsig += tl.sum(ds * dist, axis=1)
+        if EXACT_DELTA:
+            dq, pk, delta, dsig, pdist = _dq_exact_delta_step(p, dp, dist, k, dq, pk, delta, dsig, pdist,
+                                                              HAS_SIGMA, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+        else:
+            ds = p * (dp - delta[:, None])
+            dq += _dot_split(ds, k, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+            if HAS_SIGMA:
+                dsig += tl.sum(ds * dist, axis=1)
+    if EXACT_DELTA:
+        dq, dsig = _dq_exact_delta_finish(dq, pk, delta, dsig, pdist, HAS_SIGMA)
+        tl.store(DELTA + rows * H + h, delta, mask=rows_ok)
     tl.store(DQ + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)
     if HAS_SIGMA:
         tl.store(DSIGMA + h * tl.num_programs(0) + pid, tl.sum(dsig, axis=0))

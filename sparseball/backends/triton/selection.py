@@ -20,6 +20,8 @@ from ._common import (
     LOG2E,
     _dot,
     _dot_split,
+    _dq_exact_delta_finish,
+    _dq_exact_delta_step,
     _head_tile,
     _logits,
     _online_softmax_finish,
@@ -132,50 +134,36 @@ def _selection_attention_bwd_dq_kernel(
     lse2 = _saved_lse2(LSE, rows, rows_ok, h, H)
     qk_scale = scale * LOG2E
     sig = 0.0
+    dsig = 0.0
     if HAS_SIGMA:
         sig = tl.load(SIGMA + h).to(tl.float32)
         dsig = tl.zeros((BLOCK_M,), dtype=tl.float32)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if EXACT_DELTA:
-        # One pass instead of a delta pass and a dq pass: with ds = p * (dp - delta),
-        # dq = sum_j p dp k_j - delta * sum_j p k_j and dsigma likewise, so the pass sums
-        # p dp and p against k (and the distances) next to delta and subtracts at the end. The
-        # logits, distances and exp2 (the per-logit work that bounds these kernels) are formed
-        # once per key instead of twice, for two more tensor-core dots.
         delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
         pk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        if HAS_SIGMA:
-            pdist = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for t in range(TOPK):
-            for sub in tl.static_range(0, SS, BLOCK_N):
-                keys, keys_ok, real, k, v = _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub,
-                                                           SS, D, BLOCK_N, BLOCK_D)
-                p, dist = _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS,
-                                           sig, qk_scale, DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
-                pdp = p * _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
-                delta += tl.sum(pdp, axis=1)
-                dq += _dot_split(pdp, k, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
-                pk += _dot_split(p, k, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
-                if HAS_SIGMA:
-                    dsig += tl.sum(pdp * dist, axis=1)
-                    pdist += tl.sum(p * dist, axis=1)
-        dq -= delta[:, None] * pk
-        if HAS_SIGMA:
-            dsig -= delta * pdist
-        tl.store(DELTA + rows * H + h, delta, mask=rows_ok)
+        pdist = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
         delta = tl.load(DELTA + rows * H + h, mask=rows_ok, other=0.0)
-        for t in range(TOPK):
-            for sub in tl.static_range(0, SS, BLOCK_N):
-                keys, keys_ok, real, k, v = _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub,
-                                                           SS, D, BLOCK_N, BLOCK_D)
-                p, dist = _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS,
-                                           sig, qk_scale, DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
-                dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
+    for t in range(TOPK):
+        for sub in tl.static_range(0, SS, BLOCK_N):
+            keys, keys_ok, real, k, v = _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub,
+                                                       SS, D, BLOCK_N, BLOCK_D)
+            p, dist = _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS,
+                                       sig, qk_scale, DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+            dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
+            if EXACT_DELTA:
+                dq, pk, delta, dsig, pdist = _dq_exact_delta_step(p, dp, dist, k, dq, pk, delta, dsig, pdist,
+                                                                  HAS_SIGMA, FP32_DOT, UPCAST_DOT,
+                                                                  SPLIT_DOT)
+            else:
                 ds = p * (dp - delta[:, None])
                 dq += _dot_split(ds, k, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
                 if HAS_SIGMA:
                     dsig += tl.sum(ds * dist, axis=1)
+    if EXACT_DELTA:
+        dq, dsig = _dq_exact_delta_finish(dq, pk, delta, dsig, pdist, HAS_SIGMA)
+        tl.store(DELTA + rows * H + h, delta, mask=rows_ok)
     tl.store(DQ + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)
     if HAS_SIGMA:
         tl.store(DSIGMA + h * tl.num_programs(0) + pid, tl.sum(dsig, axis=0))
