@@ -297,7 +297,10 @@ def _attn_config(head_dim: int, dtype: torch.dtype) -> dict:
     elif head_dim > 64:
         config = dict(fwd=(64, 64, 8, 2), dq=(64, 64, 4, 1), dkv=(64, 64, 8, 2))
     else:
-        config = dict(fwd=(64, 128, 4, 2), dq=(64, 64, 4, 2), dkv=(64, 64, 4, 2))
+        # dq: the one-pass kernel on an H200 (2026-11-30, 256k points): backward 55.8 ms with
+        # the two-pass kernel, 50.9 one-pass at 2 stages, 47.8 at 1
+        # (bench/results/triton_tune_h200_compressed_dq.json)
+        config = dict(fwd=(64, 128, 4, 2), dq=(64, 64, 4, 1), dkv=(64, 64, 4, 2))
     return launch_config("compressed", config)
 
 
