@@ -90,8 +90,10 @@ def build_all() -> list[dict]:
         sigma = torch.randn(H, dtype=dtype, requires_grad=True)
         outs = [ops.ball_attention(q, k, v, tree, 128, sigma, 0.1),
                 ops.ball_attention(q, k, v, tree, 16, sigma, 0.1)]
-        _common.CONFIG_OVERRIDES["ball_fwd"] = {"block_m": 64, "block_n": 32}  # a tuning candidate
-        outs.append(ops.ball_attention(q, k, v, tree, 128, sigma, 0.1))
+        for layout in ({"heads_inside": False, "block_m": 128, "block_n": 64, "warps": 4, "stages": 3},
+                       {"heads_inside": True, "block_m": 128, "warps": 8, "stages": 2}):
+            _common.CONFIG_OVERRIDES["ball_fwd"] = layout  # both kernels, whichever is the default
+            outs.append(ops.ball_attention(q, k, v, tree, 128, sigma, 0.1))
         _common.CONFIG_OVERRIDES.pop("ball_fwd")
         k_cmp, v_cmp = ops.compress(k, tree, 32), ops.compress(v, tree, 32)
         out, lse = ops.compressed_attention(q, k_cmp, v_cmp, tree, 32, sigma, 0.1)

@@ -39,12 +39,16 @@ CANDIDATES = {
     # registers, 3 / 4 programs per SM), measured slower all the same on the H200: 2.55-3.84 ms
     # against 2.30 (bench/results/triton_tune_h200.json). Several heads per program in one flat
     # (head, chunk) loop measured 3.3-5.1 ms against 2.48 there and was removed.
-    "ball_fwd": [{}] + [dict(block_m=m, block_n=n, warps=w, stages=s) for m, n, w, s in (
-        (64, 32, 4, 3), (64, 32, 4, 2), (64, 16, 4, 3), (64, 16, 4, 2), (128, 32, 4, 3),
-        (64, 32, 4, 4))],
-    "ball_bwd": [{}] + [dict(one_pass=o, rows=r, block_n=n, warps=w, stages=s) for o, r, n, w, s in (
-        (True, 128, 128, 4, 1), (True, 128, 64, 8, 2), (True, 128, 128, 8, 2),
-        (False, 64, 0, 4, 2), (False, 64, 0, 4, 3))],
+    # One program per ball for every head (heads_inside: distances formed once for all heads,
+    # a plain softmax over the ball's one key tile, the head loop pipelined): its sm_90 build
+    # holds 255 registers at 8 warps with 8-16 bytes of spills, ~17 instructions per logit
+    # in the loop against the streamed kernel's ~24.
+    "ball_fwd": [{}] + [dict(heads_inside=True, block_m=m, warps=w, stages=s) for m, w, s in (
+        (128, 8, 2), (64, 4, 1), (64, 4, 2), (64, 8, 2), (64, 8, 3))],
+    # The one-pass backward for every head in one program (distances once for all heads, the
+    # head loop pipelined): its sm_90 build spills 672-880 bytes per thread at 8 warps, the
+    # per-head kernel's 224.
+    "ball_bwd": [{}] + [dict(heads_inside=True, warps=w, stages=s) for w, s in ((8, 1), (8, 2))],
     "selection": [{}] + [
         # The one-pass dq kernel (exact delta in the same pass) holds one more accumulator:
         # its sm_90 build spills at 4 warps (272 bytes at 2 stages), barely at 8; on the H200

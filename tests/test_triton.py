@@ -254,7 +254,9 @@ def check_select_blocks(problem, c, s, g, top_k, exclude):
 @given(data=st.data())
 def test_ball_attention(dtype, data):
     problem = data.draw(problems(dtype))
-    check_ball(problem, data.draw(powers_of_two(problem.tree.ball_size), label="ball_size"))
+    layout = data.draw(st.sampled_from(sorted(BALL_LAYOUTS)), label="layout")
+    with ball_layout(layout):
+        check_ball(problem, data.draw(powers_of_two(problem.tree.ball_size), label="ball_size"))
 
 
 @dtypes
@@ -296,6 +298,23 @@ def launch_override(name, **override):
         _common.CONFIG_OVERRIDES.pop(name, None)
 
 
+# The ball kernels (launch overrides of the forward and the backward): one head per program
+# (the forward streaming key chunks), and one program for every head (tiles of 16 here, as
+# large as the drawn balls, so that several small balls share one under the block-diagonal
+# mask).
+BALL_LAYOUTS = {
+    "per_head": (dict(heads_inside=False), dict(heads_inside=False)),
+    "heads_inside": (dict(heads_inside=True, block_m=16, warps=4, stages=1),
+                     dict(heads_inside=True, one_pass=True, rows=16, block_n=16, warps=4, stages=1)),
+}
+
+
+@contextlib.contextmanager
+def ball_layout(name):
+    forward, backward = BALL_LAYOUTS[name]
+    with launch_override("ball_fwd", **forward), launch_override("ball_bwd", **backward):
+        yield
+
 # select_blocks' kernel layouts (launch overrides): row-major logits, transposed logits, and one
 # program per group for every head.
 SELECT_LAYOUTS = {"rows": dict(keys_as_rows=False, heads_inside=False),
@@ -334,7 +353,9 @@ def test_select_blocks_three_heads(layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_large_blocks(dtype):
     problem = fixed_problem([135, 64], 128, dtype, heads=1, head_dim=32, seed=1)
-    check_ball(problem, 128)
+    check_ball(problem, 128)  # the default: every head in one program, for 16-bit inputs
+    with ball_layout("per_head"):
+        check_ball(problem, 128)
     check_ball(problem, 8)
     check_compressed(problem, 2)
     check_selection(problem, 128, 128, 2, seed=1)
@@ -591,8 +612,10 @@ def test_large_against_torch_backend(dtype, points, clouds, head_dim, seed):
     both(lambda m, *x: m.selection_attention(*x[:3], tree, chosen, s, g, x[3], scale),
          [q, k, v, sigma], names, [top_k * s, top_k * s, M, M, M * top_k * s])
     names = ["ball/out", "ball/q", "ball/k", "ball/v", "ball/sigma"]
-    # The default forward, and a tuning candidate with half-ball query tiles and 4 key chunks.
-    for override in ({}, {"block_m": 64, "block_n": 32}):
+    # Both forward kernels: query tiles of one head streaming key chunks, and one program per
+    # ball for every head.
+    for override in (dict(heads_inside=False, block_m=128, block_n=64, warps=4, stages=3),
+                     dict(heads_inside=True, block_m=128, warps=8, stages=2)):
         with launch_override("ball_fwd", **override):
             both(lambda m, *x: m.ball_attention(*x[:3], tree, 128, x[3], scale),
                  [q, k, v, sigma], names, [128, 128, 128, 128, M * 128])

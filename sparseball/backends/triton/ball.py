@@ -24,6 +24,7 @@ from torch.library import triton_op, wrap_triton
 
 from ._common import (
     LOG2E,
+    _distance,
     _dot,
     _dot_split,
     _head_tile,
@@ -31,6 +32,7 @@ from ._common import (
     _online_softmax_finish,
     _online_softmax_step,
     _saved_lse2,
+    _scaled_logits,
     attention_bwd_delta,
     block_d,
     dot_modes,
@@ -109,6 +111,54 @@ def _ball_attention_fwd_kernel(
 
 
 @triton.jit
+def _ball_attention_fwd_heads_kernel(
+    Q, K, V, POS, MASK, SIGMA, O, LSE,
+    M, H, scale,
+    D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr, BLOCK_M: tl.constexpr,
+    KEY_SPAN: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SIGMA: tl.constexpr,
+    FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, SPLIT_DOT: tl.constexpr,
+):
+    """A program owns BLOCK_M query rows for every head; their keys, the aligned KEY_SPAN =
+    max(BLOCK_M, BALL) slots holding their balls, are one tile, so each head's softmax is a
+    plain one, not a streamed one, and the distances between rows and keys, which do not
+    depend on the head, are formed once for all H heads instead of once per head (three
+    differences, three multiply-adds and a square root per logit, the largest share of the
+    per-logit work). The head loop also gives the software pipeline H steps to overlap loads
+    with, where a ball of two key chunks gives it two."""
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rows_ok = rows < M
+    keys = (row0 // KEY_SPAN) * KEY_SPAN + tl.arange(0, KEY_SPAN)
+    keys_ok = keys < M
+    real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+    allowed = _ball_allowed(real, rows, keys, BALL, BLOCK_M <= BALL)
+    dist = 0.0
+    if HAS_SIGMA:
+        dist = _distance(POS, rows, rows_ok, POS, keys, keys_ok, DIM)
+    qk_scale = scale * LOG2E  # logits in the log2 domain, for exp2
+    for h in range(H):
+        q_offs, q_ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
+        kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
+        q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
+        k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
+        v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+        sig2 = 0.0
+        if HAS_SIGMA:
+            sig2 = tl.load(SIGMA + h).to(tl.float32) * LOG2E
+        s = _scaled_logits(_dot(q, tl.trans(k), FP32_DOT, UPCAST_DOT), qk_scale, sig2, dist, 0.0,
+                           HAS_SIGMA)
+        s = tl.where(allowed, s, float("-inf"))
+        m = tl.max(s, axis=1)
+        # A row with no real key keeps m = -inf; subtracting 0 instead avoids inf - inf.
+        p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
+        acc = _dot_split(p, v, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+        out, lse = _online_softmax_finish(m, tl.sum(p, axis=1), acc)
+        tl.store(O + q_offs, out.to(O.dtype.element_ty), mask=q_ok)
+        tl.store(LSE + rows * H + h, lse, mask=rows_ok)
+
+
+@triton.jit
 def _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig, qk_scale,
                 DIM: tl.constexpr, BALL: tl.constexpr, ONE_BALL: tl.constexpr,
                 HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
@@ -144,9 +194,9 @@ def _ball_attention_bwd_kernel(
     lse2 = _saved_lse2(LSE, rows, rows_ok, h, H)
     qk_scale = scale * LOG2E
     sig = 0.0
+    dsig = tl.zeros((TILE,), dtype=tl.float32)
     if HAS_SIGMA:
         sig = tl.load(SIGMA + h).to(tl.float32)
-        dsig = tl.zeros((TILE,), dtype=tl.float32)
     # The program owns every query of its tile, so it forms delta itself.
     if DELTA_MODE == 0:
         o = tl.load(O + q_offs, mask=q_ok, other=0.0)
@@ -175,20 +225,82 @@ def _ball_attention_bwd_kernel(
         v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
         p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
                               qk_scale, DIM, BALL, TILE <= BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
-        dv = _dot_split(tl.trans(p), do, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
-        tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_ok)
-        dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
-        if DELTA_MODE == 1:
-            delta = tl.sum(p * dp, axis=1)
-        ds = p * (dp - delta[:, None])
-        dk = _dot_split(tl.trans(ds), q, FP32_DOT, UPCAST_DOT, SPLIT_DOT) * scale
-        tl.store(DK + kv_offs, dk.to(DK.dtype.element_ty), mask=kv_ok)
-        dq += _dot_split(ds, k, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
-        if HAS_SIGMA:
-            dsig += tl.sum(ds * dist, axis=1)
+        dq, dsig = _ball_bwd_chunk(p, dist, q, do, k, v, delta, dq, dsig, scale, DK + kv_offs,
+                                   DV + kv_offs, kv_ok, DELTA_MODE == 1, HAS_SIGMA, FP32_DOT,
+                                   UPCAST_DOT, SPLIT_DOT)
     tl.store(DQ + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)
     if HAS_SIGMA:
         tl.store(DSIGMA + h * tl.num_programs(0) + pid, tl.sum(dsig, axis=0))
+
+
+@triton.jit
+def _ball_bwd_chunk(p, dist, q, do, k, v, delta, dq, dsig, scale, DK_PTRS, DV_PTRS, kv_ok,
+                    CHUNK_DELTA: tl.constexpr, HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr,
+                    UPCAST_DOT: tl.constexpr, SPLIT_DOT: tl.constexpr):
+    """One key chunk of a one-pass backward whose tile owns the chunk's keys (they attend only
+    to the tile's rows): store its dk and dv, return dq and the sigma gradient's row sums with
+    the chunk added. CHUNK_DELTA: the chunk is every key of the rows, so delta is formed here
+    from P and dP (the `delta` passed in is ignored)."""
+    dv = _dot_split(tl.trans(p), do, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+    tl.store(DV_PTRS, dv.to(DV_PTRS.dtype.element_ty), mask=kv_ok)
+    dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
+    if CHUNK_DELTA:
+        delta = tl.sum(p * dp, axis=1)
+    ds = p * (dp - delta[:, None])
+    dk = _dot_split(tl.trans(ds), q, FP32_DOT, UPCAST_DOT, SPLIT_DOT) * scale
+    tl.store(DK_PTRS, dk.to(DK_PTRS.dtype.element_ty), mask=kv_ok)
+    dq += _dot_split(ds, k, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+    if HAS_SIGMA:
+        dsig += tl.sum(ds * dist, axis=1)
+    return dq, dsig
+
+
+@triton.jit
+def _ball_attention_bwd_heads_kernel(
+    Q, K, V, O, DO, LSE, POS, MASK, SIGMA, DQ, DK, DV, DSIGMA,
+    M, H, scale,
+    D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr, EXACT_DELTA: tl.constexpr, HAS_SIGMA: tl.constexpr,
+    FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, SPLIT_DOT: tl.constexpr,
+):
+    """The one-pass backward of a tile of whole balls, one key chunk (its own rows), for every
+    head in one program, as the forward's `_ball_attention_fwd_heads_kernel`: the distances
+    are formed once for all heads and the head loop is software-pipelined. EXACT_DELTA: delta
+    from P and dP (else dO . O from the stored output O)."""
+    scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
+    rows_ok = rows < M
+    real = tl.load(MASK + rows, mask=rows_ok, other=0) != 0
+    allowed = _ball_allowed(real, rows, rows, BALL, TILE <= BALL)
+    dist = 0.0
+    if HAS_SIGMA:
+        dist = _distance(POS, rows, rows_ok, POS, rows, rows_ok, DIM)
+    qk_scale = scale * LOG2E
+    for h in range(H):
+        offs, ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
+        q = tl.load(Q + offs, mask=ok, other=0.0)
+        k = tl.load(K + offs, mask=ok, other=0.0)
+        v = tl.load(V + offs, mask=ok, other=0.0)
+        do = tl.load(DO + offs, mask=ok, other=0.0)
+        sig2 = 0.0
+        if HAS_SIGMA:
+            sig2 = tl.load(SIGMA + h).to(tl.float32) * LOG2E
+        shift = -_saved_lse2(LSE, rows, rows_ok, h, H)[:, None]
+        s = _scaled_logits(_dot(q, tl.trans(k), FP32_DOT, UPCAST_DOT), qk_scale, sig2, dist, shift,
+                           HAS_SIGMA)
+        p = tl.exp2(tl.where(allowed, s, float("-inf")))
+        delta = tl.zeros((TILE,), dtype=tl.float32)
+        if not EXACT_DELTA:
+            o = tl.load(O + offs, mask=ok, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        dq = tl.zeros((TILE, BLOCK_D), dtype=tl.float32)
+        dsig = tl.zeros((TILE,), dtype=tl.float32)
+        dq, dsig = _ball_bwd_chunk(p, dist, q, do, k, v, delta, dq, dsig, scale, DK + offs, DV + offs,
+                                   ok, EXACT_DELTA, HAS_SIGMA, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+        tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=ok)
+        if HAS_SIGMA:
+            tl.store(DSIGMA + h * tl.num_programs(0) + pid, tl.sum(dsig, axis=0))
 
 
 @triton.jit
@@ -312,19 +424,31 @@ def _ball_attention_bwd_two_pass_kernel(
 def _fwd_config(ball_size: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tiles and (num_warps, num_stages), picked from sm_90 register/spill reports. Balls up
     to BLOCK_M share a tile under a block-diagonal mask; larger balls are streamed in BLOCK_N
-    key chunks."""
+    key chunks. heads_inside: one program per BLOCK_M query rows for every head, their keys one
+    tile (`_ball_attention_fwd_heads_kernel`)."""
     if dtype == torch.float32:
         config = dict(block_m=64, block_n=32 if head_dim > 64 else 64, warps=4, stages=1)
     elif head_dim > 64 or ball_size < 128:  # a 128-row tile of small balls masks most of it
         config = dict(block_m=64, block_n=64, warps=8 if head_dim > 64 else 4, stages=2)
-    else:  # bench/triton_tune.py on an H100 (2026-11-23), 1M points, ball 128: 3.54 -> 3.12 ms
-        # (tiles), -> 2.53 ms (3 stages; bench/results/triton_tune_h100_second.json)
+    elif ball_size > MAX_FUSED_TILE:  # bench/triton_tune.py on an H100 (2026-11-23), 1M points,
+        # ball 128: 3.54 -> 3.12 ms (tiles), -> 2.53 ms (3 stages; triton_tune_h100_second.json)
         config = dict(block_m=128, block_n=64, warps=4, stages=3)
-    return launch_config("ball_fwd", config)
+    else:  # bench/triton_tune.py on an H200 (2026-12-01), 1M points, ball 128: the streamed
+        # kernel above 2.30 ms, this one 2.12 ms (bench/results/triton_tune_h200_ball_heads.json)
+        config = dict(heads_inside=True, block_m=128, block_n=128, warps=8, stages=2)
+    config = launch_config("ball_fwd", {"heads_inside": False, **config})
+    if config["heads_inside"] and (max(config["block_m"], ball_size) > MAX_FUSED_TILE
+                                   or dtype == torch.float32 or head_dim > 64):
+        # Its key tile holds whole balls, for 16-bit inputs up to D = 64: larger tiles and
+        # float32's 3xTF32 operands would overflow shared memory and registers.
+        config = {**config, "heads_inside": False}
+    return config
 
 
 def _bwd_config(ball_size: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """one_pass, rows (TILE or CHUNK), block_n, warps, stages; picked from sm_90 register,
+    """one_pass, rows (TILE or CHUNK), block_n, warps, stages, heads_inside (a one-pass tile
+    of one key chunk for every head in one program, `_ball_attention_bwd_heads_kernel`);
+    picked from sm_90 register,
     spill and shared-memory reports of the compiled kernels: float32 (3xTF32 operands take
     twice the shared memory), balls over 128, and balls of 128 at D = 128 (the one-pass tile
     spills heavily) take the two-pass kernel. A one-pass tile must hold whole balls."""
@@ -334,11 +458,15 @@ def _bwd_config(ball_size: int, head_dim: int, dtype: torch.dtype) -> dict:
     elif ball_size <= 64:
         config = dict(one_pass=True, rows=64, block_n=64 if head_dim <= 64 else 32, warps=8,
                       stages=2 if head_dim <= 64 else 1)
-    else:  # bench/triton_tune.py on an H100 (2026-11-23), 1M points: 13.8 -> 6.0 ms (block_n 32)
-        config = dict(one_pass=True, rows=128, block_n=128, warps=8, stages=1)
-    config = launch_config("ball_bwd", config)
+    else:  # bench/triton_tune.py on an H100 (2026-11-23), 1M points: 13.8 -> 6.0 ms (block_n 32);
+        # for every head in one program on an H200 (2026-12-01): 5.91 -> 5.11 ms, bitwise the
+        # same gradients (bench/results/triton_tune_h200_ball_heads.json)
+        config = dict(one_pass=True, rows=128, block_n=128, warps=8, stages=2, heads_inside=True)
+    config = launch_config("ball_bwd", {"heads_inside": False, **config})
     if config["one_pass"] and config["rows"] < ball_size:
-        config = two_pass
+        config = {**two_pass, "heads_inside": False}
+    if config["heads_inside"] and not (config["one_pass"] and config["block_n"] == config["rows"]):
+        config = {**config, "heads_inside": False}  # one key chunk per tile only
     return config
 
 
@@ -352,10 +480,15 @@ def ball_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
     cfg = _fwd_config(ball_size, D, q.dtype)
     block_m, block_n, warps, stages = cfg["block_m"], cfg["block_n"], cfg["warps"], cfg["stages"]
     args = (q, k, v, pos, mask, q if sigma is None else sigma, out, lse, M, H, scale)
-    constants = dict(D=D, DIM=pos.shape[1], BALL=ball_size, KEY_SPAN=max(block_m, ball_size),
-                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(D), HAS_SIGMA=sigma is not None,
+    constants = dict(D=D, DIM=pos.shape[1], BALL=ball_size, BLOCK_D=block_d(D), HAS_SIGMA=sigma is not None,
                      **dot_modes(q.dtype), num_warps=warps, num_stages=stages)
-    wrap_triton(_ball_attention_fwd_kernel)[(triton.cdiv(M, block_m), H)](*args, **constants)
+    key_span = max(block_m, ball_size)  # the aligned span holding every ball of a row tile
+    if cfg["heads_inside"]:
+        wrap_triton(_ball_attention_fwd_heads_kernel)[(triton.cdiv(M, block_m),)](
+            *args, BLOCK_M=block_m, KEY_SPAN=key_span, **constants)
+    else:
+        wrap_triton(_ball_attention_fwd_kernel)[(triton.cdiv(M, block_m), H)](
+            *args, KEY_SPAN=key_span, BLOCK_M=block_m, BLOCK_N=block_n, **constants)
     return out, lse
 
 
@@ -379,7 +512,11 @@ def ball_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     sig = q if sigma is None else sigma
     common = dict(D=D, DIM=pos.shape[1], BALL=ball_size, BLOCK_D=block_d(D),
                   HAS_SIGMA=sigma is not None, num_warps=warps, num_stages=stages, **modes)
-    if one_pass:
+    if cfg["heads_inside"]:
+        wrap_triton(_ball_attention_bwd_heads_kernel)[grid[:1]](
+            q, k, v, dout if out is None else out, dout, lse, pos, mask, sig, dq, dk, dv, partial,
+            M, H, scale, TILE=rows, EXACT_DELTA=exact_delta, **common)
+    elif one_pass:
         delta_mode = 0 if not exact_delta else (1 if block_n == rows else 2)
         wrap_triton(_ball_attention_bwd_kernel)[grid](
             q, k, v, dout if out is None else out, dout, lse, pos, mask, sig, dq, dk, dv, partial,
