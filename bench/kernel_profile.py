@@ -1,4 +1,5 @@
-"""Launches for Nsight Compute: one forward of each Triton op that misses its goal (issue 4).
+"""Launches for Nsight Compute: one forward of each Triton op that misses its goal (issue 4),
+and the ball attention's forward and backward (`ball_bwd`).
 
 After a warm-up, one launch of each op's forward at the tuning sweep's sizes
 (`case` of bench/triton_tune.py: H=8, D=64, bfloat16, sigma on; ball and selection at 1M
@@ -8,7 +9,7 @@ points, the compressed ops at 256k) between cudaProfilerStart and cudaProfilerSt
     ncu --clock-control none --profile-from-start off --kernel-name regex:^_ \\
         --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \\
         --section MemoryWorkloadAnalysis --section Occupancy \\
-        python3 bench/kernel_profile.py [--only ball_fwd select_blocks compressed selection]
+        python3 bench/kernel_profile.py [--only ball_fwd ball_bwd select_blocks compressed selection]
 
 `bash bench/gpu.sh ncu` runs exactly that (NCU_ARGS: this script's arguments) and keeps the
 report in ncu.log. Without ncu the script only runs the launches.
@@ -25,7 +26,21 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from triton_tune import case  # noqa: E402
 
-OPS = ("ball_fwd", "select_blocks", "compressed", "selection")
+OPS = ("ball_fwd", "ball_bwd", "select_blocks", "compressed", "selection")
+
+
+def launches(name: str, generator):
+    """A function launching `name`'s kernels once: its forward, or (`*_bwd`) forward and
+    backward (the kernels' names tell them apart in the report)."""
+    forward, leaves = case(name, generator)
+    if name.endswith("_bwd"):
+        grad_out = torch.randn_like(forward())
+        return lambda: torch.autograd.grad(forward(), leaves, grad_out)
+
+    def forward_only():
+        with torch.no_grad():
+            forward()
+    return forward_only
 
 
 def main() -> None:
@@ -38,15 +53,14 @@ def main() -> None:
     for name in OPS:
         if args.only and name not in args.only:
             continue
-        forward, _ = case(name, generator)
-        with torch.no_grad():
-            forward()  # compiles
-            forward()
-            torch.cuda.synchronize()
-            torch.cuda.profiler.start()
-            forward()
-            torch.cuda.synchronize()
-            torch.cuda.profiler.stop()
+        run = launches(name, generator)
+        run()  # compiles
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
         print(f"profiled {name}", flush=True)
 
 
