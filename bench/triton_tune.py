@@ -32,23 +32,17 @@ HEADS, HEAD_DIM, BALL = 8, 64, 128
 # Around the defaults the 2026-11-23 H100 sweeps chose (bench/results/triton_tune_h100.json,
 # then triton_tune_h100_second.json); the default's own row comes first, as the reference.
 CANDIDATES = {
-    # A ball of 128 is two key tiles of 64: little to overlap inside a program, yet 3 stages
-    # beat 2 (2.53 vs 3.10 ms at 1M points on an H100). The kernel holds 255 registers and
-    # spills (Nsight Compute on an H200, 2026-11-30: 2 programs of 4 warps per SM, 45% of issue
-    # slots used). Smaller tiles, a half-ball of queries with key chunks of 32 or 16 (155 / 124
-    # registers, 3 / 4 programs per SM), measured slower all the same on the H200: 2.55-3.84 ms
-    # against 2.30 (bench/results/triton_tune_h200.json). Several heads per program in one flat
-    # (head, chunk) loop measured 3.3-5.1 ms against 2.48 there and was removed.
-    # One program per ball for every head (heads_inside: distances formed once for all heads,
-    # a plain softmax over the ball's one key tile, the head loop pipelined): its sm_90 build
-    # holds 255 registers at 8 warps with 8-16 bytes of spills, ~17 instructions per logit
-    # in the loop against the streamed kernel's ~24.
-    "ball_fwd": [{}] + [dict(heads_inside=True, block_m=m, warps=w, stages=s) for m, w, s in (
-        (128, 8, 2), (64, 4, 1), (64, 4, 2), (64, 8, 2), (64, 8, 3))],
-    # The one-pass backward for every head in one program (distances once for all heads, the
-    # head loop pipelined): its sm_90 build spills 672-880 bytes per thread at 8 warps, the
-    # per-head kernel's 224.
-    "ball_bwd": [{}] + [dict(heads_inside=True, warps=w, stages=s) for w, s in ((8, 1), (8, 2))],
+    # Ball 128 at D <= 64 in 16-bit: the default is one program per ball for every head
+    # (heads_inside: distances formed once for all heads, a plain softmax over the ball's one
+    # key tile, the head loop pipelined; 255 registers at 8 warps). On the H200 (2026-12-01,
+    # bench/results/triton_tune_h200_ball_heads.json) it took the forward from 2.30 to 2.12 ms
+    # and the backward from 5.91 to 5.11 ms; tiles of 64 query rows for every head measured
+    # 2.31-4.0 ms. The candidates: the per-head kernels it replaced (the streamed forward with
+    # 3 stages, 2.53 ms on an H100; the one-pass backward with 1 stage). Earlier sweeps of the
+    # streamed forward (smaller tiles, several heads in one flat loop) are in
+    # triton_tune_h200.json and triton_tune_h200_heads.json.
+    "ball_fwd": [{}, dict(heads_inside=False, block_m=128, block_n=64, warps=4, stages=3)],
+    "ball_bwd": [{}, dict(heads_inside=False, stages=1)],
     "selection": [{}] + [
         # The one-pass dq kernel (exact delta in the same pass) holds one more accumulator:
         # its sm_90 build spills at 4 warps (272 bytes at 2 stages), barely at 8; on the H200

@@ -2,7 +2,10 @@
 
 Forward: a program owns BLOCK_M query rows of one head and streams the keys of their balls in
 BLOCK_N chunks with an online softmax. Small balls share a tile under a block-diagonal mask, so
-tiles stay tensor-core sized.
+tiles stay tensor-core sized. Balls of 128 (16-bit, D <= 64) take a kernel whose program owns a
+ball for every head instead: the distances, which do not depend on the head, are formed once
+for all heads, and the ball's keys are one tile, so its softmax is a plain one. The backward
+has the same every-head variant of its one-pass kernel.
 
 Backward: a ball's keys are exactly its own rows, so a program that owns whole balls as a
 TILE of rows computes dq, dk and dv of that tile alone, in one pass, without atomics. Balls
