@@ -9,8 +9,9 @@ specializes on a GPU: without it no tile load is wide enough for an asynchronous
 report would show nothing pipelined. tests/test_triton.py runs this with `--check`.
 
     python3 bench/triton_sm90.py            # a table
-    python3 bench/triton_sm90.py --check    # exit 1 on too much shared memory or an
-                                            # unpipelined multi-stage key loop
+    python3 bench/triton_sm90.py --check    # exit 1 on too much shared memory, an
+                                            # unpipelined multi-stage key loop, or a kernel
+                                            # torch.compile would see storing to an input
 """
 
 from __future__ import annotations
@@ -40,7 +41,30 @@ def build_all() -> list[dict]:
 
     types = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
              torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32"}
-    seen, report = set(), []
+    seen, report, rows = set(), [], {}
+
+    class Sm90:  # the active driver for torch's kernel analysis, which asks for a target
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    triton.runtime.driver.set_active(Sm90())
+
+    # The tensors the ops allocate (their outputs and scratch), by id; kept alive so that no
+    # id is reused. A kernel may store to these only.
+    allocated, alive = set(), []
+    allocate = _common.new_tensor
+
+    def recording_new_tensor(*args, **kwargs):
+        tensor = allocate(*args, **kwargs)
+        allocated.add(id(tensor))
+        alive.append(tensor)
+        return tensor
+
+    for module in (_common, ball, compressed, select, selection):
+        module.new_tensor = recording_new_tensor
 
     class Build:  # stands in for wrap_triton
         def __init__(self, kernel):
@@ -58,7 +82,13 @@ def build_all() -> list[dict]:
                 signature.update({name: "constexpr" for name in constexprs})
                 key = (self.kernel.__name__, json.dumps(signature, sort_keys=True),
                        json.dumps(constexprs, sort_keys=True, default=str), num_warps, num_stages)
+                by_name = dict(zip(self.kernel.arg_names, args, strict=False))
+                stored = written_arguments(self.kernel, {**by_name, **constexprs,
+                                                         "num_warps": num_warps,
+                                                         "num_stages": num_stages})
+                inputs = sorted(name for name in stored if id(by_name[name]) not in allocated)
                 if key in seen:
+                    rows[key]["stores_to_inputs"] = sorted({*rows[key]["stores_to_inputs"], *inputs})
                     return
                 seen.add(key)
                 source = ASTSource(self.kernel, signature, constexprs=constexprs, attrs=attrs)
@@ -78,7 +108,10 @@ def build_all() -> list[dict]:
                     "sqrt": len(re.findall(r"\bsqrt\.", ptx)),
                     "ex2": len(re.findall(r"\bex2\.", ptx)),
                     "local": len(re.findall(r"\b(?:ld|st)\.local", ptx)),
+                    "stores_to": ",".join(stored),
+                    "stores_to_inputs": inputs,
                 })
+                rows[key] = report[-1]
             return launch
 
     for module in (_common, ball, compressed, select, selection):
@@ -108,6 +141,23 @@ def build_all() -> list[dict]:
     return report
 
 
+def written_arguments(kernel, arguments: dict) -> list[str]:
+    """The tensor arguments that torch's analysis of `kernel` (the one `wrap_triton` runs under
+    torch.compile) finds stored to. A kernel it finds storing to an input of its op fails
+    under torch.compile ("a leaf Variable that requires grad is being used in an in-place
+    operation"): the analysis follows pointers through jit functions, so offsets returned by a
+    function that also takes an input's pointer count as pointing into that input."""
+    import torch
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    if hasattr(wrap, "identify_accessed_tensors"):  # torch >= 2.12
+        writes = wrap.identify_accessed_tensors(kernel, dict(arguments), {}).read_writes.writes
+        names = [dep.name for dep in writes]
+    else:
+        names = wrap.identify_mutated_tensors(kernel, dict(arguments), {})
+    return sorted(n for n in set(names) if isinstance(arguments.get(n), torch.Tensor))
+
+
 # Kernels whose unpipelined multi-stage loop was measured to be the faster choice.
 UNPIPELINED_BY_CHOICE = {
     # Its top-k insertion is a data-dependent loop inside the key loop. A straight-line bitonic
@@ -127,6 +177,8 @@ def problems(report: list[dict]) -> list[str]:
     found += [f"{r['kernel']} ({r['dtype']}, {r['stages']} stages): key loop not pipelined"
               for r in report
               if r["pipelined"] is False and r["kernel"] not in UNPIPELINED_BY_CHOICE]
+    found += [f"{r['kernel']} ({r['dtype']}): torch.compile would see it store to its op's "
+              f"input(s) {', '.join(r['stores_to_inputs'])}" for r in report if r["stores_to_inputs"]]
     return found
 
 
@@ -140,7 +192,7 @@ def main() -> None:
         print(json.dumps(report, indent=2))
     else:
         keys = ["kernel", "dtype", "warps", "stages", "shared", "pipelined", "div", "sqrt",
-                "ex2", "local"]
+                "ex2", "local", "stores_to"]
         print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
         for row in report:
             print("| " + " | ".join(str(row[k]) for k in keys) + " |")

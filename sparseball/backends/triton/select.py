@@ -100,7 +100,13 @@ def _topk_store(top, lanes, OUT, TOPK: tl.constexpr):
     # Ascending ids then -1s: each lane's rank among distinct sort values is its output slot.
     order = tl.where(chosen, block_ids, _ID_BITS + 1 + lanes.to(tl.int64))
     rank = tl.sum((order[None, :] < order[:, None]).to(tl.int32), axis=1)
-    tl.store(OUT + rank, tl.where(chosen, block_ids, -1).to(tl.int32), mask=rank < TOPK)
+    # Slot j takes the value of the one lane ranked j, gathered here rather than scattered by
+    # storing to OUT + rank: a store address computed from loaded data counts, for
+    # torch.compile's analysis of what a kernel mutates, as a store into every input that
+    # data came from (bench/triton_sm90.py --check).
+    value = tl.where(chosen, block_ids, -1)
+    slot = tl.sum(tl.where(rank[None, :] == lanes[:, None], value[None, :], 0), axis=1)
+    tl.store(OUT + lanes, slot.to(tl.int32), mask=lanes < TOPK)
 
 
 @triton.jit
