@@ -41,7 +41,7 @@ def build_all() -> list[dict]:
 
     types = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
              torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32"}
-    seen, report, rows = set(), [], {}
+    report, rows = [], {}  # rows: the report's row of each launch key
 
     class Sm90:  # the active driver for torch's kernel analysis, which asks for a target
         def get_current_target(self):
@@ -87,10 +87,9 @@ def build_all() -> list[dict]:
                                                          "num_warps": num_warps,
                                                          "num_stages": num_stages})
                 inputs = sorted(name for name in stored if id(by_name[name]) not in allocated)
-                if key in seen:
+                if key in rows:
                     rows[key]["stores_to_inputs"] = sorted({*rows[key]["stores_to_inputs"], *inputs})
                     return
-                seen.add(key)
                 source = ASTSource(self.kernel, signature, constexprs=constexprs, attrs=attrs)
                 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                           options=dict(num_warps=num_warps, num_stages=num_stages))

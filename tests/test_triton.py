@@ -315,6 +315,7 @@ def ball_layout(name):
     with launch_override("ball_fwd", **forward), launch_override("ball_bwd", **backward):
         yield
 
+
 # select_blocks' kernel layouts (launch overrides): row-major logits, transposed logits, and one
 # program per group for every head.
 SELECT_LAYOUTS = {"rows": dict(keys_as_rows=False, heads_inside=False),
