@@ -262,6 +262,17 @@ def test_ball_attention(dtype, data):
 @dtypes
 @few
 @given(data=st.data())
+def test_ball_attention_long_key_chunks(dtype, data):
+    """A key chunk longer than the row tile must still stop at the tile's balls: with tiles no
+    taller than a ball the kernel masks only padding, so any key past them would be attended."""
+    problem = data.draw(problems(dtype, ball_sizes=(16,)))  # balls as tall as the layout's tiles
+    with ball_layout("long_key_chunks"):
+        check_ball(problem, 16)
+
+
+@dtypes
+@few
+@given(data=st.data())
 def test_compressed_attention(dtype, data):
     problem = data.draw(problems(dtype))
     check_compressed(problem, data.draw(powers_of_two(problem.tree.ball_size), label="c"))
@@ -299,11 +310,13 @@ def launch_override(name, **override):
 
 
 # The ball kernels (launch overrides of the forward and the backward): one head per program
-# (the forward streaming key chunks), and one program for every head (tiles of 16 here, as
-# large as the drawn balls, so that several small balls share one under the block-diagonal
-# mask).
+# (the forward streaming key chunks), the same with key chunks longer than the row tiles (the
+# launcher must cut them to the tile's balls), and one program for every head (tiles of 16
+# here, as large as the drawn balls, so that several small balls share one under the
+# block-diagonal mask).
 BALL_LAYOUTS = {
     "per_head": (dict(heads_inside=False), dict(heads_inside=False)),
+    "long_key_chunks": (dict(heads_inside=False, block_m=16, block_n=64), dict(heads_inside=False)),
     "heads_inside": (dict(heads_inside=True, block_m=16, warps=4, stages=1),
                      dict(heads_inside=True, one_pass=True, rows=16, block_n=16, warps=4, stages=1)),
 }

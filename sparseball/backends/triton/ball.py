@@ -445,7 +445,9 @@ def _fwd_config(ball_size: int, head_dim: int, dtype: torch.dtype) -> dict:
         # Its key tile holds whole balls, for 16-bit inputs up to D = 64: larger tiles and
         # float32's 3xTF32 operands would overflow shared memory and registers.
         config = {**config, "heads_inside": False}
-    return config
+    # A key chunk never reaches past the aligned span of the tile's balls: with tiles no taller
+    # than a ball the kernel masks only padding, not other balls' keys (ONE_BALL).
+    return {**config, "block_n": min(config["block_n"], max(config["block_m"], ball_size))}
 
 
 def _bwd_config(ball_size: int, head_dim: int, dtype: torch.dtype) -> dict:
