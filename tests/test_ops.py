@@ -323,7 +323,13 @@ def test_padding_never_acts(backend, data):
     """Whatever padding slots (and compressed blocks without a real slot) hold, even NaN, the
     outputs of real slots (and all of compress and select_blocks) stay the same bit for bit;
     with finite padding, so do the gradients of real slots, and padding keys get no gradient."""
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    check_padding_never_acts(backend, data, DTYPES)
+
+
+def check_padding_never_acts(backend, data, dtypes):
+    """`test_padding_never_acts` for `backend` on inputs of `dtypes` (also run by
+    test_triton.py for the Triton backend)."""
+    dtype = data.draw(st.sampled_from(dtypes), label="dtype")
     problem = data.draw(problems(dtype))
     tree = problem.tree
     M, H, D = tree.num_slots, problem.heads, problem.head_dim

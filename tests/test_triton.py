@@ -38,6 +38,7 @@ from helpers import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_ops import check_padding_never_acts
 
 import reference.ops as oracle
 import sparseball
@@ -334,6 +335,16 @@ def ball_layout(name):
 SELECT_LAYOUTS = {"rows": dict(keys_as_rows=False, heads_inside=False),
                   "keys_as_rows": dict(keys_as_rows=True, heads_inside=False),
                   "heads_inside": dict(heads_inside=True)}
+
+
+@few
+@given(data=st.data())
+def test_padding_never_acts(data):
+    """test_ops' padding property for this backend: not even NaN in padding slots (or in
+    compressed blocks without a real slot) reaches a real output, and finite padding leaves
+    the gradients of real slots as they are. The kernels load no padding key's v (nor its k
+    in the backwards)."""
+    check_padding_never_acts("triton", data, DTYPES)
 
 
 @few

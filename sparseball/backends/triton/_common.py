@@ -203,6 +203,21 @@ def _head_tile(rows, rows_ok, h, H, D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _real_key_rows(X, offs, ok, real):
+    """The tile of X (K or V) at `offs`, `ok` (from `_head_tile`), with the rows of keys that
+    are not `real` (padding slots, empty blocks) read as zeros: they are never loaded, so not
+    even a NaN or inf there reaches a real output, as 0 * NaN would through P @ V (DESIGN:
+    outputs of real slots never depend on what padding slots hold). Forwards need it for V
+    only: a padding key's logit is replaced by -inf before any arithmetic could spread a NaN
+    from K, and V, used after the softmax, hides the wait for `real`, where K, used first,
+    would not. Backwards need it for K too (dQ = dS @ K) and for V (dP = dO @ V^T). The
+    offsets come in rather than out: offsets returned by a function that takes X would count,
+    for torch.compile's analysis of what a kernel mutates, as pointing into X when a kernel
+    stores dk, dv through them."""
+    return tl.load(X + offs, mask=ok & real[:, None], other=0.0)
+
+
+@triton.jit
 def _saved_lse2(LSE, rows, rows_ok, h, H):
     """The forward's lse `[M, H]` of `rows` for head `h`, in the log2 domain. Rows that saw no
     key (lse -inf) get 0: their logits are all -inf, so p = exp2(-inf - 0) = 0 where -inf

@@ -34,6 +34,7 @@ from ._common import (
     _logits,
     _online_softmax_finish,
     _online_softmax_step,
+    _real_key_rows,
     _saved_lse2,
     _scaled_logits,
     attention_bwd_delta,
@@ -68,7 +69,7 @@ def _ball_fwd_chunk(q, m_i, l_i, acc, K, V, POS, MASK, rows, rows_ok, keys, keys
     real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
     kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
     k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-    v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+    v = _real_key_rows(V, kv_offs, kv_ok, real)
     s, _ = _logits(q, k, qk_scale, sig, 0.0, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
                    FP32_DOT, UPCAST_DOT)
     s = tl.where(_ball_allowed(real, rows, keys, BALL, BLOCK_M <= BALL), s, float("-inf"))
@@ -142,10 +143,10 @@ def _ball_attention_fwd_heads_kernel(
     qk_scale = scale * LOG2E  # logits in the log2 domain, for exp2
     for h in range(H):
         q_offs, q_ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
-        kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
         q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
+        kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
         k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-        v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+        v = _real_key_rows(V, kv_offs, kv_ok, real)
         sig2 = 0.0
         if HAS_SIGMA:
             sig2 = tl.load(SIGMA + h).to(tl.float32) * LOG2E
@@ -212,8 +213,8 @@ def _ball_attention_bwd_kernel(
             keys_ok = keys < M
             real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
             kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-            k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-            v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+            k = _real_key_rows(K, kv_offs, kv_ok, real)
+            v = _real_key_rows(V, kv_offs, kv_ok, real)
             p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
                                   qk_scale, DIM, BALL, TILE <= BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
             dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
@@ -224,8 +225,8 @@ def _ball_attention_bwd_kernel(
         keys_ok = keys < M
         real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
         kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-        k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-        v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+        k = _real_key_rows(K, kv_offs, kv_ok, real)
+        v = _real_key_rows(V, kv_offs, kv_ok, real)
         p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
                               qk_scale, DIM, BALL, TILE <= BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
         dq, dsig = _ball_bwd_chunk(p, dist, q, do, k, v, delta, dq, dsig, scale, DK + kv_offs,
@@ -283,8 +284,8 @@ def _ball_attention_bwd_heads_kernel(
     for h in range(H):
         offs, ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
         q = tl.load(Q + offs, mask=ok, other=0.0)
-        k = tl.load(K + offs, mask=ok, other=0.0)
-        v = tl.load(V + offs, mask=ok, other=0.0)
+        k = _real_key_rows(K, offs, ok, real)
+        v = _real_key_rows(V, offs, ok, real)
         do = tl.load(DO + offs, mask=ok, other=0.0)
         sig2 = 0.0
         if HAS_SIGMA:
@@ -338,8 +339,8 @@ def _ball_attention_bwd_delta_kernel(
         keys_ok = keys < M
         real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
         kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-        k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-        v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+        k = _real_key_rows(K, kv_offs, kv_ok, real)
+        v = _real_key_rows(V, kv_offs, kv_ok, real)
         p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
                               qk_scale, DIM, BALL, CHUNK <= BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
         dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
@@ -371,9 +372,9 @@ def _ball_attention_bwd_two_pass_kernel(
         sig = tl.load(SIGMA + h).to(tl.float32)
 
     # Pass 1: the chunk's rows as keys; stream the span's queries for dk, dv.
-    k = tl.load(K + own_offs, mask=own_2d, other=0.0)
-    v = tl.load(V + own_offs, mask=own_2d, other=0.0)
     real = tl.load(MASK + own, mask=own_ok, other=0) != 0
+    k = _real_key_rows(K, own_offs, own_2d, real)
+    v = _real_key_rows(V, own_offs, own_2d, real)
     dk = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
     for start in range(0, SPAN, CHUNK):
@@ -409,9 +410,9 @@ def _ball_attention_bwd_two_pass_kernel(
         keys = span0 + start + tl.arange(0, CHUNK)
         keys_ok = keys < M
         kreal = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
-        kv_offs, kv_2d = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-        kk = tl.load(K + kv_offs, mask=kv_2d, other=0.0)
-        vv = tl.load(V + kv_offs, mask=kv_2d, other=0.0)
+        kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
+        kk = _real_key_rows(K, kv_offs, kv_ok, kreal)
+        vv = _real_key_rows(V, kv_offs, kv_ok, kreal)
         p, dist = _ball_probs(q, kk, own, own_ok, keys, keys_ok, kreal, lse2, POS, sig,
                               qk_scale, DIM, BALL, CHUNK <= BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
         dp = _dot(do, tl.trans(vv), FP32_DOT, UPCAST_DOT)

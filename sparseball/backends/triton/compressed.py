@@ -26,6 +26,7 @@ from ._common import (
     _logits,
     _online_softmax_finish,
     _online_softmax_step,
+    _real_key_rows,
     _saved_lse2,
     attention_bwd_delta,
     block_d,
@@ -142,7 +143,7 @@ def _compressed_attention_fwd_kernel(
         real = tl.load(BLOCK_REAL + keys, mask=keys_ok, other=0) != 0
         kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
         k = tl.load(KC + kv_offs, mask=kv_ok, other=0.0)
-        v = tl.load(VC + kv_offs, mask=kv_ok, other=0.0)
+        v = _real_key_rows(VC, kv_offs, kv_ok, real)
         s, _ = _logits(q, k, qk_scale, sig, 0.0, POS, rows, rows_ok, CENTERS, keys, keys_ok, DIM, HAS_SIGMA,
                        FP32_DOT, UPCAST_DOT)
         allowed = real[None, :]
@@ -211,8 +212,8 @@ def _compressed_attention_bwd_dq_kernel(
         keys_ok = keys < tile_hi
         real = tl.load(BLOCK_REAL + keys, mask=keys_ok, other=0) != 0
         kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-        k = tl.load(KC + kv_offs, mask=kv_ok, other=0.0)
-        v = tl.load(VC + kv_offs, mask=kv_ok, other=0.0)
+        k = _real_key_rows(KC, kv_offs, kv_ok, real)
+        v = _real_key_rows(VC, kv_offs, kv_ok, real)
         p, dist = _compressed_probs(q, k, rows, rows_ok, keys, keys_ok, lo, hi, real, lse2,
                                     POS, CENTERS, sig, qk_scale, DIM, SINGLE_CLOUD,
                                     HAS_SIGMA, FP32_DOT, UPCAST_DOT)
@@ -247,10 +248,10 @@ def _compressed_attention_bwd_dkv_kernel(
     h = tl.program_id(1)
     keys = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     keys_ok = keys < MC
-    kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-    k = tl.load(KC + kv_offs, mask=kv_ok, other=0.0)
-    v = tl.load(VC + kv_offs, mask=kv_ok, other=0.0)
     real = tl.load(BLOCK_REAL + keys, mask=keys_ok, other=0) != 0
+    kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
+    k = _real_key_rows(KC, kv_offs, kv_ok, real)
+    v = _real_key_rows(VC, kv_offs, kv_ok, real)
     # Slot range of each key's cloud: its queries.
     unit = (keys * CS) // UNIT
     lo = tl.load(CLOUD_LO + unit, mask=keys_ok, other=0)

@@ -26,6 +26,7 @@ from ._common import (
     _logits,
     _online_softmax_finish,
     _online_softmax_step,
+    _real_key_rows,
     _saved_lse2,
     attention_bwd_delta,
     block_d,
@@ -53,19 +54,23 @@ def _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig, q
 
 @triton.jit
 def _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub: tl.constexpr, SS: tl.constexpr,
-                   D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   REAL_K: tl.constexpr):
     """Keys `sub .. sub + BLOCK_N` of the `t`-th block group `group` selected for head `h`:
-    their slots, which are in use, which are real, and their K and V tiles. A -1 (no block) is
-    masked rather than branched on, so the loops stay straight-line code the compiler can
-    software-pipeline."""
+    their slots, which are in use, which are real, and their K and V tiles (V, and K where
+    REAL_K, as `_real_key_rows`). A -1 (no block) is masked rather than branched on, so the
+    loops stay straight-line code the compiler can software-pipeline."""
     blk = tl.load(IDX + (group * H + h) * TOPK + t).to(tl.int64)
     kk = sub + tl.arange(0, BLOCK_N)
     keys = tl.maximum(blk, 0) * SS + kk
     keys_ok = kk < tl.where(blk >= 0, SS, 0)  # the keys of a block in use
     real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
     kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-    k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-    v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
+    if REAL_K:
+        k = _real_key_rows(K, kv_offs, kv_ok, real)
+    else:
+        k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
+    v = _real_key_rows(V, kv_offs, kv_ok, real)
     return keys, keys_ok, real, k, v
 
 
@@ -98,7 +103,7 @@ def _selection_attention_fwd_kernel(
     for t in range(TOPK):
         for sub in tl.static_range(0, SS, BLOCK_N):
             keys, keys_ok, real, k, v = _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub,
-                                                       SS, D, BLOCK_N, BLOCK_D)
+                                                       SS, D, BLOCK_N, BLOCK_D, False)
             s, _ = _logits(q, k, qk_scale, sig, 0.0, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
                            FP32_DOT, UPCAST_DOT)
             s = tl.where(real[None, :], s, float("-inf"))
@@ -148,7 +153,7 @@ def _selection_attention_bwd_dq_kernel(
     for t in range(TOPK):
         for sub in tl.static_range(0, SS, BLOCK_N):
             keys, keys_ok, real, k, v = _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub,
-                                                       SS, D, BLOCK_N, BLOCK_D)
+                                                       SS, D, BLOCK_N, BLOCK_D, True)
             p, dist = _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS,
                                        sig, qk_scale, DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
             dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
@@ -186,10 +191,10 @@ def _selection_attention_bwd_dkv_kernel(
     kr = tl.arange(0, BLOCK_N)
     keys = key0 + kr
     keys_ok = (kr < KROWS) & (keys < M)
-    kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-    k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-    v = tl.load(V + kv_offs, mask=kv_ok, other=0.0)
     real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+    kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
+    k = _real_key_rows(K, kv_offs, kv_ok, real)
+    v = _real_key_rows(V, kv_offs, kv_ok, real)
     blk = key0 // SS
     first = tl.load(ROW_PTR + h * NB + blk)
     last = tl.load(ROW_PTR + h * NB + blk + 1)
