@@ -5,7 +5,7 @@
 # $OUT/results.tar.gz
 # ($OUT defaults to ./out).
 #   bash bench/gpu.sh           # everything
-#   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, triton, tree, profile, ncu
+#   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, base, triton, tree, profile, ncu
 # Step time limits: TESTS_LIMIT, DEMO_LIMIT, TORCH_LIMIT, TUNE_LIMIT, TRITON_LIMIT, TREE_LIMIT,
 # PROFILE_LIMIT (seconds).
 # On an H100 (2026-11-23): tests ~270 s, triton ~200 s (TRITON_ARGS="--only compressed": ~45 s),
@@ -45,7 +45,16 @@ step torch "${TORCH_LIMIT:-240}" python3 bench/torch_backend.py --out "$RESULTS"
 # shellcheck disable=SC2086
 step tune "${TUNE_LIMIT:-330}" python3 bench/triton_tune.py --out "$RESULTS" ${TUNE_ARGS:-}
 # TRITON_ARGS: more arguments of bench/triton_ops.py, e.g. "--only compressed" (no spaces inside
-# one: a --config JSON goes in a direct call instead)
+# one: a --config JSON goes in a direct call instead). The part `base` runs the same benchmark on
+# an earlier commit's sparseball/ (bench/make_base.sh REF puts it in bench/base/; carry that),
+# results in base/, so a kernel change is measured against its predecessor in one run.
+if [[ " $parts " == *" base "* && ! -d bench/base/sparseball ]]; then
+  echo "=== base FAILED: no bench/base/sparseball (run bench/make_base.sh REF and carry bench/base)"
+  status=1
+fi
+# shellcheck disable=SC2086
+[[ -d bench/base/sparseball ]] && PYTHONPATH="$PWD/bench/base:$PYTHONPATH" step base \
+  "${TRITON_LIMIT:-200}" python3 bench/triton_ops.py --out "$RESULTS/base" ${TRITON_ARGS:-}
 # shellcheck disable=SC2086
 [[ -f bench/triton_ops.py ]] && step triton "${TRITON_LIMIT:-200}" python3 bench/triton_ops.py --out "$RESULTS" ${TRITON_ARGS:-}
 [[ -f bench/tree_gpu.py ]] && step tree "${TREE_LIMIT:-150}" python3 bench/tree_gpu.py --out "$RESULTS"

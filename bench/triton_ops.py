@@ -407,6 +407,14 @@ def markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sparseball_code() -> str:
+    """Which sparseball was measured: its folder, and the commit bench/make_base.sh exported it
+    from (the working tree otherwise)."""
+    package = pathlib.Path(sparseball.__file__).resolve().parent
+    commit = package.parent / "COMMIT"
+    return f"{package} ({commit.read_text().strip() if commit.exists() else 'working tree'})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", type=int, default=8)
@@ -427,7 +435,8 @@ def main() -> None:
     results = {
         "gpu": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(
             timespec="seconds"),
-        "torch": torch.__version__, "triton": triton.__version__, "heads": args.heads,
+        "torch": torch.__version__, "triton": triton.__version__, "sparseball": sparseball_code(),
+        "heads": args.heads,
         "dtype": args.dtype, "config_overrides": args.config, "ball_attention": [], "selection_attention": [],
         "compressed": [], "memory": [], "fla_nsa": [], "errors": [],
     }
