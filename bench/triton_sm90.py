@@ -71,7 +71,7 @@ def build_all() -> list[dict]:
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            def launch(*args, num_warps=4, num_stages=3, **constexprs):
+            def launch(*args, num_warps=4, num_stages=3, maxnreg=None, **constexprs):
                 signature, attrs = {}, {}
                 for i, (name, value) in enumerate(zip(self.kernel.arg_names, args, strict=False)):
                     if isinstance(value, torch.Tensor):
@@ -81,7 +81,8 @@ def build_all() -> list[dict]:
                         signature[name] = "fp32" if isinstance(value, float) else "i64"
                 signature.update({name: "constexpr" for name in constexprs})
                 key = (self.kernel.__name__, json.dumps(signature, sort_keys=True),
-                       json.dumps(constexprs, sort_keys=True, default=str), num_warps, num_stages)
+                       json.dumps(constexprs, sort_keys=True, default=str), num_warps, num_stages,
+                       maxnreg)
                 by_name = dict(zip(self.kernel.arg_names, args, strict=False))
                 stored = written_arguments(self.kernel, {**by_name, **constexprs,
                                                          "num_warps": num_warps,
@@ -92,7 +93,8 @@ def build_all() -> list[dict]:
                     return
                 source = ASTSource(self.kernel, signature, constexprs=constexprs, attrs=attrs)
                 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                                          options=dict(num_warps=num_warps, num_stages=num_stages,
+                                                       maxnreg=maxnreg))
                 ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
                 has_loop = "scf.for" in ttgir and "warp_group_dot" in ttgir
                 report.append({

@@ -31,6 +31,14 @@ def launch_config(name: str, default: dict) -> dict:
     return {**default, **override} if override else default
 
 
+def launch_options(warps: int, stages: int, maxnreg: int | None = None) -> dict:
+    """A launch's num_warps and num_stages, and `maxnreg`, a cap on registers per thread, where
+    a configuration gives one: more programs per SM at the price of spills. Passed only when
+    set (torch.compile's codegen of user kernels keeps num_warps and num_stages, not maxnreg)."""
+    options = dict(num_warps=warps, num_stages=stages)
+    return options if maxnreg is None else {**options, "maxnreg": maxnreg}
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -32,6 +32,7 @@ from ._common import (
     block_d,
     dot_modes,
     launch_config,
+    launch_options,
     new_tensor,
     output_for_backward,
 )
@@ -230,8 +231,8 @@ def _selection_attention_bwd_dkv_kernel(
 
 
 def _config(select_size: int, group_size: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tiles and (num_warps, num_stages) per kernel, picked from sm_90 register and spill
-    reports of the compiled kernels."""
+    """Tiles and (num_warps, num_stages[, maxnreg]) per kernel (`launch_options`), picked from
+    sm_90 register and spill reports of the compiled kernels."""
     rows = min(group_size, 64)
     key_rows = min(select_size, 64)
     tiles = dict(rows=rows, block_m=max(rows, 16), key_rows=key_rows, block_n=max(key_rows, 16))
@@ -275,7 +276,7 @@ def selection_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         D=D, DIM=pos.shape[1], SS=select_size, GS=group_size, ROWS=cfg["rows"],
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=block_d(D),
         HAS_SIGMA=sigma is not None, **dot_modes(q.dtype),
-        num_warps=cfg["fwd"][0], num_stages=cfg["fwd"][1],
+        **launch_options(*cfg["fwd"]),
     )
     return out, lse
 
@@ -303,13 +304,13 @@ def selection_attention_bwd_op(
     wrap_triton(_selection_attention_bwd_dq_kernel)[grid_q](
         q, k, v, dout, lse, delta, pos, mask, indices, sig, dq, partial,
         M, H, indices.shape[2], scale, ROWS=cfg["rows"], EXACT_DELTA=exact_delta,
-        num_warps=cfg["dq"][0], num_stages=cfg["dq"][1], **common)
+        **launch_options(*cfg["dq"]), **common)
     num_blocks = M // select_size
     row_ptr, groups = invert_selection(indices, num_blocks)
     wrap_triton(_selection_attention_bwd_dkv_kernel)[(M // cfg["key_rows"], H)](
         q, k, v, dout, lse, delta, pos, mask, sig, row_ptr, groups, dk, dv,
         M, H, num_blocks, scale, KROWS=cfg["key_rows"], QROWS=cfg["rows"],
-        num_warps=cfg["dkv"][0], num_stages=cfg["dkv"][1], **common)
+        **launch_options(*cfg["dkv"]), **common)
     dsigma = q.new_zeros((0,)) if sigma is None else partial.sum(1).to(sigma.dtype)
     return dq, dk, dv, dsigma
 
