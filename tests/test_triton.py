@@ -312,12 +312,13 @@ def launch_override(name, **override):
 
 # The ball kernels (launch overrides of the forward and the backward): one head per program
 # (the forward streaming key chunks), the same with key chunks longer than the row tiles (the
-# launcher must cut them to the tile's balls), and one program for every head (tiles of 16
+# launchers must cut them to the tile's balls), and one program for every head (tiles of 16
 # here, as large as the drawn balls, so that several small balls share one under the
 # block-diagonal mask).
 BALL_LAYOUTS = {
     "per_head": (dict(heads_inside=False), dict(heads_inside=False)),
-    "long_key_chunks": (dict(heads_inside=False, block_m=16, block_n=64), dict(heads_inside=False)),
+    "long_key_chunks": (dict(heads_inside=False, block_m=16, block_n=64),
+                        dict(heads_inside=False, one_pass=True, rows=16, block_n=64)),
     "heads_inside": (dict(heads_inside=True, block_m=16, warps=4, stages=1),
                      dict(heads_inside=True, one_pass=True, rows=16, block_n=16, warps=4, stages=1)),
 }

@@ -471,6 +471,10 @@ def _bwd_config(ball_size: int, head_dim: int, dtype: torch.dtype) -> dict:
     config = launch_config("ball_bwd", {"heads_inside": False, **config})
     if config["one_pass"] and config["rows"] < ball_size:
         config = {**two_pass, "heads_inside": False}
+    if config["one_pass"]:
+        # A tile's keys are its own rows: a longer key chunk would reach the next tile's balls
+        # (and store their dk, dv, which that tile's program owns).
+        config = {**config, "block_n": min(config["block_n"], config["rows"])}
     if config["heads_inside"] and not (config["one_pass"] and config["block_n"] == config["rows"]):
         config = {**config, "heads_inside": False}  # one key chunk per tile only
     return config
