@@ -294,6 +294,21 @@ def test_selection_attention(dtype, data):
 @dtypes
 @few
 @given(data=st.data())
+def test_selection_attention_tiles_cut_to_groups(dtype, data):
+    """Tiles asked for larger than a query group or a selection block (a launch override) must
+    still stop at it: a program's rows share one group's selection, its keys one block."""
+    problem = data.draw(problems(dtype, ball_sizes=(4, 8, 16), max_cloud=24))
+    P = problem.tree.ball_size
+    with launch_override("selection", rows=64, block_m=64, key_rows=64, block_n=64):
+        check_selection(problem, data.draw(powers_of_two(P), label="select_size"),
+                        data.draw(powers_of_two(P).filter(lambda g: g >= 2), label="group_size"),
+                        data.draw(st.integers(1, 4), label="top_k"),
+                        data.draw(st.integers(0, 2**31 - 1), label="index seed"))
+
+
+@dtypes
+@few
+@given(data=st.data())
 def test_compress(dtype, data):
     problem = data.draw(problems(dtype))
     check_compress(problem, data.draw(powers_of_two(problem.tree.ball_size), label="c"))

@@ -244,7 +244,12 @@ def _config(select_size: int, group_size: int, head_dim: int, dtype: torch.dtype
         # on an H200 (2026-11-30) dq with 2 stages: 86.1 -> 83.7 ms; still the best for the
         # one-pass dq kernel (69.5 ms; bench/results/triton_tune_h200_onepass.json)
         launch = dict(fwd=(4, 3), dq=(4, 2), dkv=(4, 2))
-    return launch_config("selection", {**tiles, **launch})
+    config = launch_config("selection", {**tiles, **launch})
+    # A program's query rows share one group's selection and its key rows lie in one block,
+    # whatever an override asks for: tiles are cut to them (and blocks hold their tiles).
+    rows, key_rows = min(config["rows"], group_size), min(config["key_rows"], select_size)
+    return {**config, "rows": rows, "key_rows": key_rows,
+            "block_m": max(config["block_m"], rows), "block_n": max(config["block_n"], key_rows)}
 
 
 def invert_selection(indices: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
