@@ -404,8 +404,14 @@ def _nonempty_clouds(tree):
 @given(data=st.data())
 def test_clouds_are_isolated(backend, data):
     """Changing every other cloud's inputs changes none of one cloud's outputs or gradients."""
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    problem = data.draw(problems(dtype, max_cloud_size=70).filter(
+    check_clouds_are_isolated(backend, data, DTYPES)
+
+
+def check_clouds_are_isolated(backend, data, dtypes, max_cloud_size=70):
+    """`test_clouds_are_isolated` for `backend` on inputs of `dtypes` and clouds of up to
+    `max_cloud_size` points (also run by test_triton.py for the Triton backend)."""
+    dtype = data.draw(st.sampled_from(dtypes), label="dtype")
+    problem = data.draw(problems(dtype, max_cloud_size=max_cloud_size).filter(
         lambda p: len(_nonempty_clouds(p.tree)) >= 2))
     tree = problem.tree
     M, H, D = tree.num_slots, problem.heads, problem.head_dim

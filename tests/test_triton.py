@@ -38,7 +38,7 @@ from helpers import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_ops import check_padding_never_acts
+from test_ops import check_clouds_are_isolated, check_padding_never_acts
 
 import reference.ops as oracle
 import sparseball
@@ -361,6 +361,15 @@ def test_padding_never_acts(data):
     the gradients of real slots as they are. The kernels load no padding key's v (nor its k
     in the backwards)."""
     check_padding_never_acts("triton", data, DTYPES)
+
+
+@few
+@given(data=st.data())
+def test_clouds_are_isolated(data):
+    """test_ops' isolation property for this backend: changing every other cloud's inputs
+    changes none of one cloud's outputs or gradients (tiles shared by small clouds mask by
+    cloud)."""
+    check_clouds_are_isolated("triton", data, DTYPES, max_cloud_size=24)  # interpreter time
 
 
 @few
