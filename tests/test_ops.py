@@ -326,11 +326,11 @@ def test_padding_never_acts(backend, data):
     check_padding_never_acts(backend, data, DTYPES)
 
 
-def check_padding_never_acts(backend, data, dtypes):
-    """`test_padding_never_acts` for `backend` on inputs of `dtypes` (also run by
-    test_triton.py for the Triton backend)."""
+def check_padding_never_acts(backend, data, dtypes, max_cloud_size=130):
+    """`test_padding_never_acts` for `backend` on inputs of `dtypes` and clouds of up to
+    `max_cloud_size` points (also run by test_triton.py for the Triton backend)."""
     dtype = data.draw(st.sampled_from(dtypes), label="dtype")
-    problem = data.draw(problems(dtype))
+    problem = data.draw(problems(dtype, max_cloud_size=max_cloud_size))
     tree = problem.tree
     M, H, D = tree.num_slots, problem.heads, problem.head_dim
     real = tree.mask
