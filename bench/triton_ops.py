@@ -3,14 +3,17 @@
 H=8, D=64, bfloat16 unless told otherwise; times are medians of `triton.testing.do_bench`.
 
 - ball_attention with sigma (ball 128): one 1,048,576-point cloud, 16 clouds x 4096, and
-  D = 16, 32. Forward and forward+backward against the memory floor (the bytes of the tensors
+  D = 16, 32; and one 1,000,000-point cloud, whose 64 padding slots (of 1,000,064) make the
+  kernels load and apply the mask (the clouds above fill their slots: no mask).
+  Forward and forward+backward against the memory floor (the bytes of the tensors
   the op must touch once, over a measured device-to-device copy bandwidth) and against
   "Erwin's way": torch SDPA on the balls reshaped (M/128, H, 128, D) with the distance bias
   as a dense float attn_mask.
 - selection_attention (top_k 16, select 64, group 64, 1M points): TFLOP/s =
   4 M top_k select H D / time, the backward counted as 2.5x the forward; for random blocks
   (no reuse between groups) and for blocks near each group (the locality of a real
-  selection), against the gather floor (bytes of the selected K/V blocks read per group).
+  selection), against the gather floor (bytes of the selected K/V blocks read per group);
+  random blocks again on a 1,000,000-point cloud (64 padding slots: masked kernels).
 - compressed_attention and select_blocks at compress 64 against flash SDPA on a dense
   attention of M queries x M/64 keys (TFLOP/s by the same count).
 - Peak memory of sparseball.attention forward+backward at 1M points against the bytes of
@@ -127,7 +130,8 @@ def erwin_ball_attention(q, k, v, pos, sigma, mask):
 
 def bench_ball(results, bandwidth, device, generator, dtype, heads):
     cases = [("1 x 1,048,576", [1 << 20], 64), ("16 x 4,096", [4096] * 16, 64),
-             ("1 x 1,048,576", [1 << 20], 32), ("1 x 1,048,576", [1 << 20], 16)]
+             ("1 x 1,048,576", [1 << 20], 32), ("1 x 1,048,576", [1 << 20], 16),
+             ("1 x 1,000,000 (padded)", [1_000_000], 64)]
     for name, sizes, head_dim in cases:
         row = ball_case(name, sizes, head_dim, bandwidth, device, generator, dtype, heads)
         print("ball_attention", row, flush=True)
@@ -178,18 +182,22 @@ def ball_case(name, sizes, head_dim, bandwidth, device, generator, dtype, heads)
 
 
 def random_selection(tree, heads, top_k, select_size, group_size, generator):
-    """Distinct blocks of the group's cloud per (group, head): base + i * odd stride, mod the
-    cloud's block count (a power of two here, so the blocks are distinct)."""
+    """Distinct blocks of the group's cloud per (group, head): shift + (base + i * odd stride
+    mod n), n the largest power of two up to the cloud's block count (so the blocks are
+    distinct), shift a random offset that keeps them in the cloud."""
     device = tree.device
     groups = tree.num_slots // group_size
-    blocks_per_cloud = tree.offsets_list[1] // select_size  # one cloud
-    assert blocks_per_cloud & (blocks_per_cloud - 1) == 0
+    blocks = tree.offsets_list[1] // select_size  # one cloud
+    blocks_per_cloud = 1 << (blocks.bit_length() - 1)
     base = torch.randint(0, blocks_per_cloud, (groups, heads, 1), device=device,
                          generator=generator)
     stride = 2 * torch.randint(0, blocks_per_cloud // 2, (groups, heads, 1), device=device,
                                generator=generator) + 1
+    shift = torch.randint(0, blocks - blocks_per_cloud + 1, (groups, heads, 1), device=device,
+                          generator=generator)
     steps = torch.arange(top_k, device=device)
-    return ((base + steps * stride) % blocks_per_cloud).sort(-1).values.to(torch.int32)
+    chosen = shift + (base + steps * stride) % blocks_per_cloud
+    return chosen.sort(-1).values.to(torch.int32)
 
 
 def nearby_selection(tree, heads, top_k, select_size, group_size, generator, window=64):
@@ -206,8 +214,17 @@ def nearby_selection(tree, heads, top_k, select_size, group_size, generator, win
 
 
 def bench_selection(results, bandwidth, device, generator, dtype, heads, head_dim):
+    for points in (1 << 20, 1_000_000):
+        selection_case(results, bandwidth, device, generator, dtype, heads, head_dim, points)
+        torch.cuda.empty_cache()
+
+
+def selection_case(results, bandwidth, device, generator, dtype, heads, head_dim, points):
+    """One cloud of `points` points; a padded cloud only for random blocks in the precise
+    mode: the mask's cost, not another selection's."""
     top_k, select_size, group_size = 16, 64, 64
-    tree, layout = make_tree([1 << 20], device, generator)
+    tree, layout = make_tree([points], device, generator)
+    padded = tree.num_points < tree.num_slots
     q, k, v, sigma = inputs(tree, heads, head_dim, dtype, generator, grad=True)
     grad_out = torch.randn_like(q)
     M = tree.num_slots
@@ -220,8 +237,10 @@ def bench_selection(results, bandwidth, device, generator, dtype, heads, head_di
     floor_bwd_ms = (4 * gathered + 5 * dense) / bandwidth * 1e3
     selections = {
         "random": random_selection(tree, heads, top_k, select_size, group_size, generator),
-        "nearby": nearby_selection(tree, heads, top_k, select_size, group_size, generator),
     }
+    if not padded:
+        selections["nearby"] = nearby_selection(tree, heads, top_k, select_size, group_size,
+                                                generator)
     for selection, indices in selections.items():
         def fwd(indices=indices):
             return ops.selection_attention(q, k, v, tree, indices, select_size, group_size, sigma,
@@ -230,12 +249,13 @@ def bench_selection(results, bandwidth, device, generator, dtype, heads, head_di
         def fwd_bwd(fwd=fwd):
             torch.autograd.grad(fwd(), (q, k, v, sigma), grad_out)
 
-        for mode in (False, True):
+        for mode in (False,) if padded else (False, True):
             with one_dot(mode):
                 with torch.no_grad():
                     t_fwd = ms(fwd)
                 t_all = ms(fwd_bwd)
-            row = {"selection": selection, "mode": "one-dot" if mode else "precise",
+            row = {"points": f"{points:,}", "selection": selection,
+                   "mode": "one-dot" if mode else "precise",
                    "layout": layout, "fwd_ms": t_fwd, "fwd_bwd_ms": t_all,
                    "fwd_tflops": flops / t_fwd * 1e-9, "fwd_bwd_tflops": 3.5 * flops / t_all * 1e-9,
                    "gather_floor_fwd_ms": floor_fwd_ms,
@@ -390,9 +410,9 @@ def markdown(results) -> str:
           ["clouds", "head_dim", "fwd_ms", "fwd_bwd_ms", "fwd_ms_one_dot", "fwd_bwd_ms_one_dot",
            "floor_fwd_ms", "floor_fwd_bwd_ms", "fwd_of_floor", "fwd_bwd_of_floor",
            "erwin_fwd_ms", "erwin_fwd_bwd_ms", "speedup_fwd_vs_erwin", "speedup_fwd_bwd_vs_erwin"])
-    table("selection_attention (1M points, top_k 16, select 64, group 64)",
+    table("selection_attention (one cloud, top_k 16, select 64, group 64)",
           results["selection_attention"],
-          ["selection", "mode", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops",
+          ["points", "selection", "mode", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops",
            "gather_floor_fwd_ms", "gather_floor_fwd_bwd_ms"])
     table("compressed attention and select_blocks (compress 64) vs flash SDPA",
           results["compressed"], ["op", "mode", "fwd_ms", "fwd_bwd_ms", "fwd_tflops",

@@ -4,9 +4,9 @@ of divisions, square roots, exp2 and local-memory (spill) accesses in the PTX.
 
 The ops run on small CPU tensors with `wrap_triton` replaced by a builder, so each launch
 (kernel, constexprs, num_warps, num_stages) is compiled exactly as the ops configure it, in
-bfloat16 and float32 at D = 64. Pointer arguments carry the 16-byte alignment the JIT
-specializes on a GPU: without it no tile load is wide enough for an asynchronous copy, so the
-report would show nothing pipelined. tests/test_triton.py runs this with `--check`.
+bfloat16 and float32 at D = 64 (bfloat16 also without padding). Pointer arguments carry the
+16-byte alignment the JIT specializes on a GPU: without it no tile load is wide enough for an
+asynchronous copy, so the report would show nothing pipelined. tests/test_triton.py runs this with `--check`.
 
     python3 bench/triton_sm90.py            # a table
     python3 bench/triton_sm90.py --check    # exit 1 on too much shared memory, an
@@ -117,8 +117,11 @@ def build_all() -> list[dict]:
 
     for module in (_common, ball, compressed, select, selection):
         module.wrap_triton = Build
-    for dtype, D in ((torch.bfloat16, 64), (torch.float32, 64)):
-        tree = random_tree([300, 100], 128, 3, torch.float32, np.random.default_rng(0))
+    # Clouds of 300 and 100 points have padding; of 256 and 128 none: the attention kernels'
+    # variants without the mask (HAS_PADDING false), in bfloat16, the benchmarks' case.
+    for dtype, D, sizes in ((torch.bfloat16, 64, [300, 100]), (torch.float32, 64, [300, 100]),
+                            (torch.bfloat16, 64, [256, 128])):
+        tree = random_tree(sizes, 128, 3, torch.float32, np.random.default_rng(0))
         M, H = tree.num_slots, 2
         q, k, v = (torch.randn(M, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
         sigma = torch.randn(H, dtype=dtype, requires_grad=True)

@@ -41,10 +41,11 @@ CANDIDATES = {
     # 3 stages, 2.53 ms on an H100; the one-pass backward with 1 stage). Earlier sweeps of the
     # streamed forward (smaller tiles, several heads in one flat loop) are in
     # triton_tune_h200.json and triton_tune_h200_heads.json.
-    # Every head in one program at 3 stages: 160 KiB of shared memory (2 stages: 112), the
-    # same registers and spills in the sm_90 build; not yet measured.
+    # Every head in one program at 3 stages (160 KiB of shared memory; 2 stages: 112, the same
+    # registers and spills in the sm_90 build) took it from 2.10 to 1.82 ms on the H200
+    # (2026-12-01, triton_tune_h200_caps.json): now the default; 2 stages is the candidate.
     "ball_fwd": [{}, dict(heads_inside=False, block_m=128, block_n=64, warps=4, stages=3),
-                 dict(heads_inside=True, block_m=128, warps=8, stages=3)],
+                 dict(heads_inside=True, block_m=128, warps=8, stages=2)],
     "ball_bwd": [{}, dict(heads_inside=False, stages=1)],
     "selection": [{}] + [
         # The one-pass dq kernel (exact delta in the same pass) holds one more accumulator:
@@ -58,10 +59,11 @@ CANDIDATES = {
         dict(dkv=(8, 2)),
         dict(fwd=(4, 2)),
         dict(fwd=(8, 3)),
-        # The forward holds 208 registers on the H200 (ncu, kernel_profile_h200.txt): two
+        # The forward held 208 registers on the H200 (ncu, kernel_profile_h200.txt): two
         # programs of 4 warps per SM, 45% of issue slots busy. Capped at 168 (sm_90 build: the
-        # spills, 40 bytes, lie outside the loop, which gains 21 instructions), three fit.
-        dict(fwd=(4, 3, 168)),
+        # spills, 40 bytes, lie outside the loop, which gains 21 instructions), three fit:
+        # 15.85 -> 14.68 ms (2026-12-01, triton_tune_h200_caps.json), now the default.
+        dict(fwd=(4, 3)),
         dict(fwd=(4, 2, 168)),
         dict(key_rows=32, block_n=32, fwd=(4, 3), dq=(4, 2), dkv=(4, 2))],
     # The one-pass dq kernel (exact delta in the same pass as dq) holds two more accumulators;

@@ -35,6 +35,7 @@ from ._common import (
     _online_softmax_finish,
     _online_softmax_step,
     _real_key_rows,
+    _real_slots,
     _saved_lse2,
     _scaled_logits,
     attention_bwd_delta,
@@ -64,12 +65,13 @@ def _ball_allowed(real, rows, keys, BALL: tl.constexpr, ONE_BALL: tl.constexpr):
 def _ball_fwd_chunk(q, m_i, l_i, acc, K, V, POS, MASK, rows, rows_ok, keys, keys_ok, h, H,
                     qk_scale, sig, D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SIGMA: tl.constexpr,
-                    FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, SPLIT_DOT: tl.constexpr):
+                    HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                    SPLIT_DOT: tl.constexpr):
     """Fold the key chunk `keys` of head `h` into the rows' streamed softmax (m_i, l_i, acc)."""
-    real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+    real = _real_slots(MASK, keys, keys_ok, HAS_PADDING)
     kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
     k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-    v = _real_key_rows(V, kv_offs, kv_ok, real)
+    v = _real_key_rows(V, kv_offs, kv_ok, real, HAS_PADDING)
     s, _ = _logits(q, k, qk_scale, sig, 0.0, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
                    FP32_DOT, UPCAST_DOT)
     s = tl.where(_ball_allowed(real, rows, keys, BALL, BLOCK_M <= BALL), s, float("-inf"))
@@ -82,7 +84,8 @@ def _ball_attention_fwd_kernel(
     M, H, scale,
     D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr, KEY_SPAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, HAS_PADDING: tl.constexpr,
+    FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
     scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
@@ -108,7 +111,7 @@ def _ball_attention_fwd_kernel(
         keys_ok = keys < M
         m_i, l_i, acc = _ball_fwd_chunk(q, m_i, l_i, acc, K, V, POS, MASK, rows, rows_ok, keys, keys_ok,
                                         h, H, qk_scale, sig, D, DIM, BALL, BLOCK_M, BLOCK_D,
-                                        HAS_SIGMA, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
+                                        HAS_SIGMA, HAS_PADDING, FP32_DOT, UPCAST_DOT, SPLIT_DOT)
     out, lse = _online_softmax_finish(m_i, l_i, acc)
     tl.store(O + q_offs, out.to(O.dtype.element_ty), mask=q_ok)
     tl.store(LSE + rows * H + h, lse, mask=rows_ok)
@@ -119,7 +122,7 @@ def _ball_attention_fwd_heads_kernel(
     Q, K, V, POS, MASK, SIGMA, O, LSE,
     M, H, scale,
     D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr, BLOCK_M: tl.constexpr,
-    KEY_SPAN: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SIGMA: tl.constexpr,
+    KEY_SPAN: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SIGMA: tl.constexpr, HAS_PADDING: tl.constexpr,
     FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, SPLIT_DOT: tl.constexpr,
 ):
     """A program owns BLOCK_M query rows for every head; their keys, the aligned KEY_SPAN =
@@ -135,7 +138,7 @@ def _ball_attention_fwd_heads_kernel(
     rows_ok = rows < M
     keys = (row0 // KEY_SPAN) * KEY_SPAN + tl.arange(0, KEY_SPAN)
     keys_ok = keys < M
-    real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+    real = _real_slots(MASK, keys, keys_ok, HAS_PADDING)
     allowed = _ball_allowed(real, rows, keys, BALL, BLOCK_M <= BALL)
     dist = 0.0
     if HAS_SIGMA:
@@ -146,7 +149,7 @@ def _ball_attention_fwd_heads_kernel(
         q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
         kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
         k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-        v = _real_key_rows(V, kv_offs, kv_ok, real)
+        v = _real_key_rows(V, kv_offs, kv_ok, real, HAS_PADDING)
         sig2 = 0.0
         if HAS_SIGMA:
             sig2 = tl.load(SIGMA + h).to(tl.float32) * LOG2E
@@ -180,7 +183,8 @@ def _ball_attention_bwd_kernel(
     M, H, scale,
     D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DELTA_MODE: tl.constexpr,
-    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, HAS_PADDING: tl.constexpr,
+    FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
     """DELTA_MODE: how delta_i = sum_j P_ij dP_ij is formed. 0: as dO_i . O_i (O as stored:
@@ -211,10 +215,10 @@ def _ball_attention_bwd_kernel(
         for start in range(0, TILE, BLOCK_N):
             keys = row0 + start + tl.arange(0, BLOCK_N)
             keys_ok = keys < M
-            real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+            real = _real_slots(MASK, keys, keys_ok, HAS_PADDING)
             kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-            k = _real_key_rows(K, kv_offs, kv_ok, real)
-            v = _real_key_rows(V, kv_offs, kv_ok, real)
+            k = _real_key_rows(K, kv_offs, kv_ok, real, HAS_PADDING)
+            v = _real_key_rows(V, kv_offs, kv_ok, real, HAS_PADDING)
             p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
                                   qk_scale, DIM, BALL, TILE <= BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
             dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
@@ -223,10 +227,10 @@ def _ball_attention_bwd_kernel(
     for start in range(0, TILE, BLOCK_N):
         keys = row0 + start + tl.arange(0, BLOCK_N)
         keys_ok = keys < M
-        real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+        real = _real_slots(MASK, keys, keys_ok, HAS_PADDING)
         kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-        k = _real_key_rows(K, kv_offs, kv_ok, real)
-        v = _real_key_rows(V, kv_offs, kv_ok, real)
+        k = _real_key_rows(K, kv_offs, kv_ok, real, HAS_PADDING)
+        v = _real_key_rows(V, kv_offs, kv_ok, real, HAS_PADDING)
         p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
                               qk_scale, DIM, BALL, TILE <= BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
         dq, dsig = _ball_bwd_chunk(p, dist, q, do, k, v, delta, dq, dsig, scale, DK + kv_offs,
@@ -264,7 +268,7 @@ def _ball_attention_bwd_heads_kernel(
     Q, K, V, O, DO, LSE, POS, MASK, SIGMA, DQ, DK, DV, DSIGMA,
     M, H, scale,
     D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr, TILE: tl.constexpr,
-    BLOCK_D: tl.constexpr, EXACT_DELTA: tl.constexpr, HAS_SIGMA: tl.constexpr,
+    BLOCK_D: tl.constexpr, EXACT_DELTA: tl.constexpr, HAS_SIGMA: tl.constexpr, HAS_PADDING: tl.constexpr,
     FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, SPLIT_DOT: tl.constexpr,
 ):
     """The one-pass backward of a tile of whole balls, one key chunk (its own rows), for every
@@ -275,7 +279,7 @@ def _ball_attention_bwd_heads_kernel(
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
     rows_ok = rows < M
-    real = tl.load(MASK + rows, mask=rows_ok, other=0) != 0
+    real = _real_slots(MASK, rows, rows_ok, HAS_PADDING)
     allowed = _ball_allowed(real, rows, rows, BALL, TILE <= BALL)
     dist = 0.0
     if HAS_SIGMA:
@@ -284,8 +288,8 @@ def _ball_attention_bwd_heads_kernel(
     for h in range(H):
         offs, ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
         q = tl.load(Q + offs, mask=ok, other=0.0)
-        k = _real_key_rows(K, offs, ok, real)
-        v = _real_key_rows(V, offs, ok, real)
+        k = _real_key_rows(K, offs, ok, real, HAS_PADDING)
+        v = _real_key_rows(V, offs, ok, real, HAS_PADDING)
         do = tl.load(DO + offs, mask=ok, other=0.0)
         sig2 = 0.0
         if HAS_SIGMA:
@@ -313,7 +317,8 @@ def _ball_attention_bwd_delta_kernel(
     M, H, scale,
     D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr, SPAN: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, HAS_PADDING: tl.constexpr,
+    FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
     """delta_i = sum_j P_ij dP_ij from recomputed P and dP, for the two-pass backward of half
@@ -337,10 +342,10 @@ def _ball_attention_bwd_delta_kernel(
     for start in range(0, SPAN, CHUNK):
         keys = span0 + start + tl.arange(0, CHUNK)
         keys_ok = keys < M
-        real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+        real = _real_slots(MASK, keys, keys_ok, HAS_PADDING)
         kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-        k = _real_key_rows(K, kv_offs, kv_ok, real)
-        v = _real_key_rows(V, kv_offs, kv_ok, real)
+        k = _real_key_rows(K, kv_offs, kv_ok, real, HAS_PADDING)
+        v = _real_key_rows(V, kv_offs, kv_ok, real, HAS_PADDING)
         p, dist = _ball_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig,
                               qk_scale, DIM, BALL, CHUNK <= BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
         dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
@@ -354,7 +359,8 @@ def _ball_attention_bwd_two_pass_kernel(
     M, H, scale,
     D: tl.constexpr, DIM: tl.constexpr, BALL: tl.constexpr, SPAN: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, HAS_PADDING: tl.constexpr,
+    FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
     scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
@@ -372,9 +378,9 @@ def _ball_attention_bwd_two_pass_kernel(
         sig = tl.load(SIGMA + h).to(tl.float32)
 
     # Pass 1: the chunk's rows as keys; stream the span's queries for dk, dv.
-    real = tl.load(MASK + own, mask=own_ok, other=0) != 0
-    k = _real_key_rows(K, own_offs, own_2d, real)
-    v = _real_key_rows(V, own_offs, own_2d, real)
+    real = _real_slots(MASK, own, own_ok, HAS_PADDING)
+    k = _real_key_rows(K, own_offs, own_2d, real, HAS_PADDING)
+    v = _real_key_rows(V, own_offs, own_2d, real, HAS_PADDING)
     dk = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
     for start in range(0, SPAN, CHUNK):
@@ -409,10 +415,10 @@ def _ball_attention_bwd_two_pass_kernel(
     for start in range(0, SPAN, CHUNK):
         keys = span0 + start + tl.arange(0, CHUNK)
         keys_ok = keys < M
-        kreal = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+        kreal = _real_slots(MASK, keys, keys_ok, HAS_PADDING)
         kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-        kk = _real_key_rows(K, kv_offs, kv_ok, kreal)
-        vv = _real_key_rows(V, kv_offs, kv_ok, kreal)
+        kk = _real_key_rows(K, kv_offs, kv_ok, kreal, HAS_PADDING)
+        vv = _real_key_rows(V, kv_offs, kv_ok, kreal, HAS_PADDING)
         p, dist = _ball_probs(q, kk, own, own_ok, keys, keys_ok, kreal, lse2, POS, sig,
                               qk_scale, DIM, BALL, CHUNK <= BALL, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
         dp = _dot(do, tl.trans(vv), FP32_DOT, UPCAST_DOT)
@@ -438,8 +444,9 @@ def _fwd_config(ball_size: int, head_dim: int, dtype: torch.dtype) -> dict:
         # ball 128: 3.54 -> 3.12 ms (tiles), -> 2.53 ms (3 stages; triton_tune_h100_second.json)
         config = dict(block_m=128, block_n=64, warps=4, stages=3)
     else:  # bench/triton_tune.py on an H200 (2026-12-01), 1M points, ball 128: the streamed
-        # kernel above 2.30 ms, this one 2.12 ms (bench/results/triton_tune_h200_ball_heads.json)
-        config = dict(heads_inside=True, block_m=128, block_n=128, warps=8, stages=2)
+        # kernel above 2.30 ms, this one 2.12 ms (bench/results/triton_tune_h200_ball_heads.json);
+        # 3 stages (160 KiB of shared memory) 2.10 -> 1.82 ms (triton_tune_h200_caps.json)
+        config = dict(heads_inside=True, block_m=128, block_n=128, warps=8, stages=3)
     config = launch_config("ball_fwd", {"heads_inside": False, **config})
     if config["heads_inside"] and (max(config["block_m"], ball_size) > MAX_FUSED_TILE
                                    or dtype == torch.float32 or head_dim > 64):
@@ -482,16 +489,18 @@ def _bwd_config(ball_size: int, head_dim: int, dtype: torch.dtype) -> dict:
 
 @triton_op("sparseball_triton::ball_attention", mutates_args=())
 def ball_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                      mask: torch.Tensor, sigma: torch.Tensor | None, ball_size: int,
+                      mask: torch.Tensor | None, sigma: torch.Tensor | None, ball_size: int,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     M, H, D = q.shape
     out = new_tensor((M, H, D), q.dtype, q.device)
     lse = new_tensor((M, H), torch.float32, q.device)
     cfg = _fwd_config(ball_size, D, q.dtype)
     block_m, block_n, warps, stages = cfg["block_m"], cfg["block_n"], cfg["warps"], cfg["stages"]
-    args = (q, k, v, pos, mask, q if sigma is None else sigma, out, lse, M, H, scale)
+    args = (q, k, v, pos, q if mask is None else mask, q if sigma is None else sigma, out, lse, M,
+            H, scale)
     constants = dict(D=D, DIM=pos.shape[1], BALL=ball_size, BLOCK_D=block_d(D), HAS_SIGMA=sigma is not None,
-                     **dot_modes(q.dtype), num_warps=warps, num_stages=stages)
+                     HAS_PADDING=mask is not None, **dot_modes(q.dtype), num_warps=warps,
+                     num_stages=stages)
     key_span = max(block_m, ball_size)  # the aligned span holding every ball of a row tile
     if cfg["heads_inside"]:
         wrap_triton(_ball_attention_fwd_heads_kernel)[(triton.cdiv(M, block_m),)](
@@ -505,7 +514,7 @@ def ball_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
 @triton_op("sparseball_triton::ball_attention_bwd", mutates_args=())
 def ball_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           out: torch.Tensor | None, lse: torch.Tensor, pos: torch.Tensor,
-                          mask: torch.Tensor, sigma: torch.Tensor | None, ball_size: int,
+                          mask: torch.Tensor | None, sigma: torch.Tensor | None, ball_size: int,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                  torch.Tensor]:
     M, H, D = q.shape
@@ -520,28 +529,30 @@ def ball_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     modes = dot_modes(q.dtype)
     exact_delta = out is None  # the forward kept no output: form the exact delta
     sig = q if sigma is None else sigma
+    msk = q if mask is None else mask
     common = dict(D=D, DIM=pos.shape[1], BALL=ball_size, BLOCK_D=block_d(D),
-                  HAS_SIGMA=sigma is not None, num_warps=warps, num_stages=stages, **modes)
+                  HAS_SIGMA=sigma is not None, HAS_PADDING=mask is not None, num_warps=warps,
+                  num_stages=stages, **modes)
     if cfg["heads_inside"]:
         wrap_triton(_ball_attention_bwd_heads_kernel)[grid[:1]](
-            q, k, v, dout if out is None else out, dout, lse, pos, mask, sig, dq, dk, dv, partial,
+            q, k, v, dout if out is None else out, dout, lse, pos, msk, sig, dq, dk, dv, partial,
             M, H, scale, TILE=rows, EXACT_DELTA=exact_delta, **common)
     elif one_pass:
         delta_mode = 0 if not exact_delta else (1 if block_n == rows else 2)
         wrap_triton(_ball_attention_bwd_kernel)[grid](
-            q, k, v, dout if out is None else out, dout, lse, pos, mask, sig, dq, dk, dv, partial,
+            q, k, v, dout if out is None else out, dout, lse, pos, msk, sig, dq, dk, dv, partial,
             M, H, scale, TILE=rows, BLOCK_N=block_n, DELTA_MODE=delta_mode, **common)
     else:
         span = max(rows, ball_size)
         if exact_delta:
             delta = new_tensor((M, H), torch.float32, q.device)
             wrap_triton(_ball_attention_bwd_delta_kernel)[grid](
-                q, k, v, dout, lse, pos, mask, sig, delta, M, H, scale,
+                q, k, v, dout, lse, pos, msk, sig, delta, M, H, scale,
                 SPAN=span, CHUNK=rows, **common)
         else:
             delta = attention_bwd_delta(out, dout)
         wrap_triton(_ball_attention_bwd_two_pass_kernel)[grid](
-            q, k, v, dout, lse, delta, pos, mask, sig, dq, dk, dv, partial, M, H, scale,
+            q, k, v, dout, lse, delta, pos, msk, sig, dq, dk, dv, partial, M, H, scale,
             SPAN=span, CHUNK=rows, **common)
     if sigma is None:
         dsigma = q.new_zeros((0,))

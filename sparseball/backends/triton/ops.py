@@ -27,6 +27,13 @@ def _mask(tree: BallTree) -> torch.Tensor:
     return tree.mask.to(torch.uint8)  # a copy of M bytes: inductor cannot lower view(dtype) of bool
 
 
+def _padding_mask(tree: BallTree) -> torch.Tensor | None:
+    """The mask for the attention kernels, or None when every slot is real (N = M: each cloud
+    fills its slots, as power-of-two clouds of at least a ball do): they then compile without
+    the mask's loads (`_common._real_slots`)."""
+    return _mask(tree) if tree.num_points < tree.num_slots else None
+
+
 def _sigma(sigma: torch.Tensor | None) -> torch.Tensor | None:
     return None if sigma is None else sigma.contiguous()
 
@@ -49,6 +56,12 @@ def _block_real(tree: BallTree, block_size: int) -> torch.Tensor:
     return tree.mask.view(-1, block_size).any(1).to(torch.uint8)
 
 
+def _nonempty_blocks(tree: BallTree, block_size: int) -> torch.Tensor | None:
+    """`_block_real` for the compressed-attention kernels, or None when no slot is padding
+    (then no block is empty)."""
+    return _block_real(tree, block_size) if tree.num_points < tree.num_slots else None
+
+
 def compress(x: torch.Tensor, tree: BallTree, compress_size: int) -> torch.Tensor:
     return compress_op(x.contiguous(), _mask(tree), compress_size)
 
@@ -56,7 +69,7 @@ def compress(x: torch.Tensor, tree: BallTree, compress_size: int) -> torch.Tenso
 def ball_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: BallTree,
                    ball_size: int, sigma: torch.Tensor | None, scale: float) -> torch.Tensor:
     out, _ = ball_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), _pos(tree),
-                               _mask(tree), _sigma(sigma), ball_size, scale)
+                               _padding_mask(tree), _sigma(sigma), ball_size, scale)
     return out
 
 
@@ -67,7 +80,7 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
     return compressed_attention_op(
         q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), _pos(tree),
         tree.centers(compress_size).to(torch.float32).contiguous(),
-        _block_real(tree, compress_size), cloud_lo, cloud_hi, _sigma(sigma), unit,
+        _nonempty_blocks(tree, compress_size), cloud_lo, cloud_hi, _sigma(sigma), unit,
         compress_size, scale)
 
 
@@ -75,7 +88,7 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree:
                         indices: torch.Tensor, select_size: int, group_size: int,
                         sigma: torch.Tensor | None, scale: float) -> torch.Tensor:
     out, _ = selection_attention_op(
-        q.contiguous(), k.contiguous(), v.contiguous(), _pos(tree), _mask(tree),
+        q.contiguous(), k.contiguous(), v.contiguous(), _pos(tree), _padding_mask(tree),
         indices.to(torch.int32).contiguous(), _sigma(sigma), select_size, group_size, scale)
     return out
 

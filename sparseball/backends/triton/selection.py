@@ -27,6 +27,7 @@ from ._common import (
     _online_softmax_finish,
     _online_softmax_step,
     _real_key_rows,
+    _real_slots,
     _saved_lse2,
     attention_bwd_delta,
     block_d,
@@ -56,7 +57,7 @@ def _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS, sig, q
 @triton.jit
 def _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub: tl.constexpr, SS: tl.constexpr,
                    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   REAL_K: tl.constexpr):
+                   REAL_K: tl.constexpr, HAS_PADDING: tl.constexpr):
     """Keys `sub .. sub + BLOCK_N` of the `t`-th block group `group` selected for head `h`:
     their slots, which are in use, which are real, and their K and V tiles (V, and K where
     REAL_K, as `_real_key_rows`). A -1 (no block) is masked rather than branched on, so the
@@ -65,13 +66,13 @@ def _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub: tl.constexpr, SS:
     kk = sub + tl.arange(0, BLOCK_N)
     keys = tl.maximum(blk, 0) * SS + kk
     keys_ok = kk < tl.where(blk >= 0, SS, 0)  # the keys of a block in use
-    real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+    real = _real_slots(MASK, keys, keys_ok, HAS_PADDING)
     kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
     if REAL_K:
-        k = _real_key_rows(K, kv_offs, kv_ok, real)
+        k = _real_key_rows(K, kv_offs, kv_ok, real, HAS_PADDING)
     else:
         k = tl.load(K + kv_offs, mask=kv_ok, other=0.0)
-    v = _real_key_rows(V, kv_offs, kv_ok, real)
+    v = _real_key_rows(V, kv_offs, kv_ok, real, HAS_PADDING)
     return keys, keys_ok, real, k, v
 
 
@@ -81,7 +82,8 @@ def _selection_attention_fwd_kernel(
     M, H, TOPK, scale,
     D: tl.constexpr, DIM: tl.constexpr, SS: tl.constexpr, GS: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, HAS_PADDING: tl.constexpr,
+    FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
     scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
@@ -104,7 +106,8 @@ def _selection_attention_fwd_kernel(
     for t in range(TOPK):
         for sub in tl.static_range(0, SS, BLOCK_N):
             keys, keys_ok, real, k, v = _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub,
-                                                       SS, D, BLOCK_N, BLOCK_D, False)
+                                                       SS, D, BLOCK_N, BLOCK_D, False,
+                                                       HAS_PADDING)
             s, _ = _logits(q, k, qk_scale, sig, 0.0, POS, rows, rows_ok, POS, keys, keys_ok, DIM, HAS_SIGMA,
                            FP32_DOT, UPCAST_DOT)
             s = tl.where(real[None, :], s, float("-inf"))
@@ -121,7 +124,8 @@ def _selection_attention_bwd_dq_kernel(
     D: tl.constexpr, DIM: tl.constexpr, SS: tl.constexpr, GS: tl.constexpr, ROWS: tl.constexpr,
     EXACT_DELTA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, HAS_PADDING: tl.constexpr,
+    FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
     """EXACT_DELTA: form delta_i = sum_j P_ij dP_ij in the same pass as dq and store it for the
@@ -154,7 +158,8 @@ def _selection_attention_bwd_dq_kernel(
     for t in range(TOPK):
         for sub in tl.static_range(0, SS, BLOCK_N):
             keys, keys_ok, real, k, v = _selected_keys(IDX, MASK, K, V, group, h, H, TOPK, t, sub,
-                                                       SS, D, BLOCK_N, BLOCK_D, True)
+                                                       SS, D, BLOCK_N, BLOCK_D, True,
+                                                       HAS_PADDING)
             p, dist = _selection_probs(q, k, rows, rows_ok, keys, keys_ok, real, lse2, POS,
                                        sig, qk_scale, DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
             dp = _dot(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
@@ -182,7 +187,8 @@ def _selection_attention_bwd_dkv_kernel(
     D: tl.constexpr, DIM: tl.constexpr, SS: tl.constexpr, GS: tl.constexpr,
     KROWS: tl.constexpr, QROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SIGMA: tl.constexpr, HAS_PADDING: tl.constexpr,
+    FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
     scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as float64
@@ -192,10 +198,10 @@ def _selection_attention_bwd_dkv_kernel(
     kr = tl.arange(0, BLOCK_N)
     keys = key0 + kr
     keys_ok = (kr < KROWS) & (keys < M)
-    real = tl.load(MASK + keys, mask=keys_ok, other=0) != 0
+    real = _real_slots(MASK, keys, keys_ok, HAS_PADDING)
     kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-    k = _real_key_rows(K, kv_offs, kv_ok, real)
-    v = _real_key_rows(V, kv_offs, kv_ok, real)
+    k = _real_key_rows(K, kv_offs, kv_ok, real, HAS_PADDING)
+    v = _real_key_rows(V, kv_offs, kv_ok, real, HAS_PADDING)
     blk = key0 // SS
     first = tl.load(ROW_PTR + h * NB + blk)
     last = tl.load(ROW_PTR + h * NB + blk + 1)
@@ -242,8 +248,11 @@ def _config(select_size: int, group_size: int, head_dim: int, dtype: torch.dtype
         launch = dict(fwd=(8, 2), dq=(8, 2), dkv=(8, 2))
     else:  # bench/triton_tune.py on an H100 (2026-11-23), 1M points: fwd+bwd 130 -> ~90 ms;
         # on an H200 (2026-11-30) dq with 2 stages: 86.1 -> 83.7 ms; still the best for the
-        # one-pass dq kernel (69.5 ms; bench/results/triton_tune_h200_onepass.json)
-        launch = dict(fwd=(4, 3), dq=(4, 2), dkv=(4, 2))
+        # one-pass dq kernel (69.5 ms; bench/results/triton_tune_h200_onepass.json). The
+        # forward capped at 168 registers (three programs per SM, not two): 15.85 -> 14.68 ms
+        # on an H200 (2026-12-01, bench/results/triton_tune_h200_caps.json). Under
+        # torch.compile inductor drops the cap (its launcher keeps warps and stages only).
+        launch = dict(fwd=(4, 3, 168), dq=(4, 2), dkv=(4, 2))
     config = launch_config("selection", {**tiles, **launch})
     # A program's query rows share one group's selection and its key rows lie in one block,
     # whatever an override asks for: tiles are cut to them (and blocks hold their tiles).
@@ -268,7 +277,8 @@ def invert_selection(indices: torch.Tensor, num_blocks: int) -> tuple[torch.Tens
 
 @triton_op("sparseball_triton::selection_attention", mutates_args=())
 def selection_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                           mask: torch.Tensor, indices: torch.Tensor, sigma: torch.Tensor | None,
+                           mask: torch.Tensor | None, indices: torch.Tensor,
+                           sigma: torch.Tensor | None,
                            select_size: int, group_size: int,
                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     M, H, D = q.shape
@@ -276,11 +286,11 @@ def selection_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     lse = new_tensor((M, H), torch.float32, q.device)
     cfg = _config(select_size, group_size, D, q.dtype)
     wrap_triton(_selection_attention_fwd_kernel)[(M // cfg["rows"], H)](
-        q, k, v, pos, mask, indices, q if sigma is None else sigma, out, lse,
+        q, k, v, pos, q if mask is None else mask, indices, q if sigma is None else sigma, out, lse,
         M, H, indices.shape[2], scale,
         D=D, DIM=pos.shape[1], SS=select_size, GS=group_size, ROWS=cfg["rows"],
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=block_d(D),
-        HAS_SIGMA=sigma is not None, **dot_modes(q.dtype),
+        HAS_SIGMA=sigma is not None, HAS_PADDING=mask is not None, **dot_modes(q.dtype),
         **launch_options(*cfg["fwd"]),
     )
     return out, lse
@@ -289,8 +299,9 @@ def selection_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
 @triton_op("sparseball_triton::selection_attention_bwd", mutates_args=())
 def selection_attention_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor | None, lse: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
-    indices: torch.Tensor, sigma: torch.Tensor | None, select_size: int, group_size: int, scale: float,
+    out: torch.Tensor | None, lse: torch.Tensor, pos: torch.Tensor,
+    mask: torch.Tensor | None, indices: torch.Tensor, sigma: torch.Tensor | None,
+    select_size: int, group_size: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     M, H, D = q.shape
     exact_delta = out is None  # the forward kept no output: form the exact delta
@@ -303,17 +314,18 @@ def selection_attention_bwd_op(
     grid_q = (M // cfg["rows"], H)
     partial = new_tensor((H, grid_q[0]), torch.float32, q.device)
     sig = q if sigma is None else sigma
+    msk = q if mask is None else mask
     common = dict(D=D, DIM=pos.shape[1], SS=select_size, GS=group_size, BLOCK_M=cfg["block_m"],
                   BLOCK_N=cfg["block_n"], BLOCK_D=block_d(D), HAS_SIGMA=sigma is not None,
-                  **dot_modes(q.dtype))
+                  HAS_PADDING=mask is not None, **dot_modes(q.dtype))
     wrap_triton(_selection_attention_bwd_dq_kernel)[grid_q](
-        q, k, v, dout, lse, delta, pos, mask, indices, sig, dq, partial,
+        q, k, v, dout, lse, delta, pos, msk, indices, sig, dq, partial,
         M, H, indices.shape[2], scale, ROWS=cfg["rows"], EXACT_DELTA=exact_delta,
         **launch_options(*cfg["dq"]), **common)
     num_blocks = M // select_size
     row_ptr, groups = invert_selection(indices, num_blocks)
     wrap_triton(_selection_attention_bwd_dkv_kernel)[(M // cfg["key_rows"], H)](
-        q, k, v, dout, lse, delta, pos, mask, sig, row_ptr, groups, dk, dv,
+        q, k, v, dout, lse, delta, pos, msk, sig, row_ptr, groups, dk, dv,
         M, H, num_blocks, scale, KROWS=cfg["key_rows"], QROWS=cfg["rows"],
         **launch_options(*cfg["dkv"]), **common)
     dsigma = q.new_zeros((0,)) if sigma is None else partial.sum(1).to(sigma.dtype)
