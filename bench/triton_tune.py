@@ -43,9 +43,12 @@ CANDIDATES = {
     # triton_tune_h200.json and triton_tune_h200_heads.json.
     # Every head in one program at 3 stages (160 KiB of shared memory; 2 stages: 112, the same
     # registers and spills in the sm_90 build) took it from 2.10 to 1.82 ms on the H200
-    # (2026-12-01, triton_tune_h200_caps.json): now the default; 2 stages is the candidate.
+    # (2026-12-01, triton_tune_h200_caps.json): now the default; 2 stages is the candidate, and
+    # 4 (208 KiB of 227; not yet measured). Fewer registers cannot buy a second program per SM:
+    # its shared memory does not fit twice, and at 128 registers ptxas spills 616 bytes.
     "ball_fwd": [{}, dict(heads_inside=False, block_m=128, block_n=64, warps=4, stages=3),
-                 dict(heads_inside=True, block_m=128, warps=8, stages=2)],
+                 dict(heads_inside=True, block_m=128, warps=8, stages=2),
+                 dict(heads_inside=True, block_m=128, warps=8, stages=4)],
     "ball_bwd": [{}, dict(heads_inside=False, stages=1)],
     "selection": [{}] + [
         # The one-pass dq kernel (exact delta in the same pass) holds one more accumulator:
@@ -65,6 +68,7 @@ CANDIDATES = {
         # 15.85 -> 14.68 ms (2026-12-01, triton_tune_h200_caps.json), now the default.
         dict(fwd=(4, 3)),
         dict(fwd=(4, 2, 168)),
+        dict(fwd=(4, 4, 168)),  # not yet measured
         dict(key_rows=32, block_n=32, fwd=(4, 3), dq=(4, 2), dkv=(4, 2))],
     # The one-pass dq kernel (exact delta in the same pass as dq) holds two more accumulators;
     # its sm_90 build at the default tile spills (496 bytes), so the candidates are its tiles.
