@@ -10,6 +10,7 @@ points, the compressed ops at 256k) between cudaProfilerStart and cudaProfilerSt
         --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \\
         --section MemoryWorkloadAnalysis --section Occupancy \\
         python3 bench/kernel_profile.py [--only ball_fwd ball_bwd select_blocks compressed selection]
+            [--points 1000000]
 
 `bash bench/gpu.sh ncu` runs exactly that (NCU_ARGS: this script's arguments) and keeps the
 report in ncu.log. Without ncu the script only runs the launches.
@@ -29,10 +30,10 @@ from triton_tune import case  # noqa: E402
 OPS = ("ball_fwd", "ball_bwd", "select_blocks", "compressed", "selection")
 
 
-def launches(name: str, generator):
+def launches(name: str, generator, points: int | None = None):
     """A function launching `name`'s kernels once: its forward, or (`*_bwd`) forward and
     backward (the kernels' names tell them apart in the report)."""
-    forward, leaves = case(name, generator)
+    forward, leaves = case(name, generator, points)
     if name.endswith("_bwd"):
         grad_out = torch.randn_like(forward())
         return lambda: torch.autograd.grad(forward(), leaves, grad_out)
@@ -46,6 +47,9 @@ def launches(name: str, generator):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None, help=", ".join(OPS))
+    parser.add_argument("--points", type=int, default=None,
+                        help="cloud size (triton_tune.case's default otherwise); 1000000 gives a "
+                             "padded cloud, whose kernels load the padding mask")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernel_profile.py needs a CUDA device")
@@ -53,7 +57,7 @@ def main() -> None:
     for name in OPS:
         if args.only and name not in args.only:
             continue
-        run = launches(name, generator)
+        run = launches(name, generator, args.points)
         run()  # compiles
         run()
         torch.cuda.synchronize()

@@ -91,18 +91,21 @@ def problem(points: int, generator):
     return tree, q, k, v, sigma
 
 
-def case(name: str, generator):
-    """(forward function returning a tensor, the leaves it differentiates) for one sweep."""
+def case(name: str, generator, points: int | None = None):
+    """(forward function returning a tensor, the leaves it differentiates) for one sweep, on one
+    cloud of `points` points: by default 2^20 (ball, selection) or 2^18 (the compressed ops),
+    which fill their slots; a size that is not a multiple of 128 gives a padded cloud, whose
+    kernels load the padding mask."""
     scale = HEAD_DIM**-0.5
     if name.startswith("ball"):
-        tree, q, k, v, sigma = problem(1 << 20, generator)
+        tree, q, k, v, sigma = problem(points or 1 << 20, generator)
         return (lambda: ops.ball_attention(q, k, v, tree, BALL, sigma, scale)), (q, k, v, sigma)
     if name == "selection":
-        tree, q, k, v, sigma = problem(1 << 20, generator)
+        tree, q, k, v, sigma = problem(points or 1 << 20, generator)
         indices = random_selection(tree, HEADS, 16, 64, 64, generator)
         return (lambda: ops.selection_attention(q, k, v, tree, indices, 64, 64, sigma, scale),
                 (q, k, v, sigma))
-    tree, q, k, v, sigma = problem(1 << 18, generator)
+    tree, q, k, v, sigma = problem(points or 1 << 18, generator)
     k_cmp = ops.compress(k.detach(), tree, 64).requires_grad_()
     v_cmp = ops.compress(v.detach(), tree, 64).requires_grad_()
     if name == "compressed":
@@ -114,8 +117,8 @@ def case(name: str, generator):
             ())
 
 
-def sweep(name: str, generator) -> list[dict]:
-    fwd, leaves = case(name, generator)
+def sweep(name: str, generator, points: int | None = None) -> list[dict]:
+    fwd, leaves = case(name, generator, points)
     grad_out = None
     rows, reference = [], None
     for override in CANDIDATES[name]:
@@ -154,17 +157,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out"))
     parser.add_argument("--only", nargs="*", default=None, help=", ".join(CANDIDATES))
+    parser.add_argument("--points", type=int, default=None,
+                        help="cloud size (default 2^20, the compressed ops 2^18; e.g. 1000000 for "
+                             "a padded cloud)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/triton_tune.py needs a CUDA device")
     generator = torch.Generator(device="cuda").manual_seed(0)
     record = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "torch": torch.__version__, "triton": triton.__version__, "sweeps": {}}
+              "torch": torch.__version__, "triton": triton.__version__, "points": args.points,
+              "sweeps": {}}
     args.out.mkdir(parents=True, exist_ok=True)
     for name in CANDIDATES:
         if args.only and name not in args.only:
             continue
-        record["sweeps"][name] = sweep(name, generator)
+        record["sweeps"][name] = sweep(name, generator, args.points)
         (args.out / "triton_tune.json").write_text(json.dumps(record, indent=2))
 
 
