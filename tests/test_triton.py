@@ -513,11 +513,13 @@ def test_public_dispatch(monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="test_compile_fullgraph runs the real thing on the GPU")
-def test_compile_traces_fullgraph():
+@pytest.mark.parametrize("sizes", [[50, 20], [48, 16]], ids=["padded", "no_padding"])
+def test_compile_traces_fullgraph(sizes):
     """`torch.compile(sparseball.attention, fullgraph=True)` traces forward and backward into
     one graph of `sparseball_triton` ops: kernels built for a GPU target (no GPU needed to
     trace), the graph compiled with AOT autograd. Running it needs a GPU, so the run fails
-    after tracing; what counts is that tracing raised no graph break."""
+    after tracing; what counts is that tracing raised no graph break. Clouds that fill their
+    slots pass the ops no mask (None), a graph of its own."""
     script = textwrap.dedent("""
         import os, sys
         import numpy as np, torch, triton
@@ -537,7 +539,7 @@ def test_compile_traces_fullgraph():
         def keep(gm, example_inputs):
             graphs.append(gm)
             return gm
-        tree = random_tree([50, 20], 16, 3, torch.float32, np.random.default_rng(0))
+        tree = random_tree(SIZES, 16, 3, torch.float32, np.random.default_rng(0))
         q, k, v = (torch.randn(tree.num_slots, 2, 16, requires_grad=True) for _ in range(3))
         sigma = torch.randn(2, requires_grad=True)
         def f(q, k, v, sigma):
@@ -555,7 +557,7 @@ def test_compile_traces_fullgraph():
         launches = graphs[0].code.count("triton_kernel_wrapper_functional(")
         assert launches >= 6, launches  # compress x2, compressed, select, selection, ball
         print("TRACED", launches)
-    """)
+    """).replace("SIZES", repr(sizes))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -701,12 +703,14 @@ def test_backward_is_deterministic(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "auto"])
-def test_compile_fullgraph(backend):
+@pytest.mark.parametrize(("backend", "sizes"), [("triton", [40_000, 3000]), ("auto", [40_000, 3000]),
+                                              ("triton", [40_960, 2944])],
+                         ids=["triton", "auto", "triton-no_padding"])
+def test_compile_fullgraph(backend, sizes):
     """torch.compile(sparseball.attention, fullgraph=True): forward and backward, same results
-    as eager; "auto" (the default) picks triton for CUDA tensors, through the same table."""
-    problem = fixed_problem([40_000, 3000], 128, torch.bfloat16, heads=4, head_dim=64,
-                            device="cuda")
+    as eager; "auto" (the default) picks triton for CUDA tensors, through the same table.
+    Clouds that fill their slots (multiples of 128 points) pass the kernels no mask."""
+    problem = fixed_problem(sizes, 128, torch.bfloat16, heads=4, head_dim=64, device="cuda")
     tree = problem.tree
     inputs = leaves(problem.slots(), problem.slots(), problem.slots(), problem.sigma_value)
     grad_out = problem.slots()
