@@ -180,7 +180,7 @@ def _compressed_attention_bwd_dq_kernel(
     D: tl.constexpr, DIM: tl.constexpr, CS: tl.constexpr, SINGLE_CLOUD: tl.constexpr,
     EXACT_DELTA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SIGMA: tl.constexpr, HAS_PADDING: tl.constexpr,
+    HAS_SIGMA: tl.constexpr,
     FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
@@ -213,10 +213,10 @@ def _compressed_attention_bwd_dq_kernel(
     for start in range(tile_lo, tile_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         keys_ok = keys < tile_hi
-        real = _real_slots(BLOCK_REAL, keys, keys_ok, HAS_PADDING)
+        real = _real_slots(BLOCK_REAL, keys, keys_ok, True)
         kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-        k = _real_key_rows(KC, kv_offs, kv_ok, real, HAS_PADDING)
-        v = _real_key_rows(VC, kv_offs, kv_ok, real, HAS_PADDING)
+        k = _real_key_rows(KC, kv_offs, kv_ok, real, True)
+        v = _real_key_rows(VC, kv_offs, kv_ok, real, True)
         p, dist = _compressed_probs(q, k, rows, rows_ok, keys, keys_ok, lo, hi, real, lse2,
                                     POS, CENTERS, sig, qk_scale, DIM, SINGLE_CLOUD,
                                     HAS_SIGMA, FP32_DOT, UPCAST_DOT)
@@ -243,7 +243,7 @@ def _compressed_attention_bwd_dkv_kernel(
     MC, H, UNIT, scale,
     D: tl.constexpr, DIM: tl.constexpr, CS: tl.constexpr, SINGLE_CLOUD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SIGMA: tl.constexpr, HAS_PADDING: tl.constexpr,
+    HAS_SIGMA: tl.constexpr,
     FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     SPLIT_DOT: tl.constexpr,
 ):
@@ -252,10 +252,10 @@ def _compressed_attention_bwd_dkv_kernel(
     h = tl.program_id(1)
     keys = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     keys_ok = keys < MC
-    real = _real_slots(BLOCK_REAL, keys, keys_ok, HAS_PADDING)
+    real = _real_slots(BLOCK_REAL, keys, keys_ok, True)
     kv_offs, kv_ok = _head_tile(keys, keys_ok, h, H, D, BLOCK_D)
-    k = _real_key_rows(KC, kv_offs, kv_ok, real, HAS_PADDING)
-    v = _real_key_rows(VC, kv_offs, kv_ok, real, HAS_PADDING)
+    k = _real_key_rows(KC, kv_offs, kv_ok, real, True)
+    v = _real_key_rows(VC, kv_offs, kv_ok, real, True)
     # Slot range of each key's cloud: its queries.
     unit = (keys * CS) // UNIT
     lo = tl.load(CLOUD_LO + unit, mask=keys_ok, other=0)
@@ -335,7 +335,7 @@ def compressed_attention_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.T
 def compressed_attention_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     out: torch.Tensor | None, lse: torch.Tensor, pos: torch.Tensor, centers: torch.Tensor,
-    block_real: torch.Tensor | None, cloud_lo: torch.Tensor, cloud_hi: torch.Tensor,
+    block_real: torch.Tensor, cloud_lo: torch.Tensor, cloud_hi: torch.Tensor,
     sigma: torch.Tensor | None, unit: int, compress_size: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     M, H, D = q.shape
@@ -352,16 +352,14 @@ def compressed_attention_bwd_op(
     grid_q = (triton.cdiv(M, dq_m), H)
     partial = new_tensor((H, grid_q[0]), torch.float32, q.device)
     sig = q if sigma is None else sigma
-    real = q if block_real is None else block_real
     common = dict(D=D, DIM=pos.shape[1], CS=compress_size, BLOCK_D=block_d(D),
-                  HAS_SIGMA=sigma is not None, HAS_PADDING=block_real is not None,
-                  **dot_modes(q.dtype))
+                  HAS_SIGMA=sigma is not None, **dot_modes(q.dtype))
     wrap_triton(_compressed_attention_bwd_dq_kernel)[grid_q](
-        q, k_cmp, v_cmp, dout, lse, delta, pos, centers, real, cloud_lo, cloud_hi, sig,
+        q, k_cmp, v_cmp, dout, lse, delta, pos, centers, block_real, cloud_lo, cloud_hi, sig,
         dq, partial, M, H, unit, scale, SINGLE_CLOUD=unit % dq_m == 0, EXACT_DELTA=exact_delta,
         BLOCK_M=dq_m, BLOCK_N=dq_n, num_warps=dq_warps, num_stages=dq_stages, **common)
     wrap_triton(_compressed_attention_bwd_dkv_kernel)[(triton.cdiv(Mc, kv_n), H)](
-        q, k_cmp, v_cmp, dout, lse, delta, pos, centers, real, cloud_lo, cloud_hi, sig,
+        q, k_cmp, v_cmp, dout, lse, delta, pos, centers, block_real, cloud_lo, cloud_hi, sig,
         dk, dv, Mc, H, unit, scale, SINGLE_CLOUD=(unit // compress_size) % kv_n == 0,
         BLOCK_M=kv_m, BLOCK_N=kv_n, num_warps=kv_warps, num_stages=kv_stages, **common)
     dsigma = q.new_zeros((0,)) if sigma is None else partial.sum(1).to(sigma.dtype)
@@ -382,8 +380,8 @@ def _compressed_backward(ctx, dout, dlse):
     if block_real is None:
         # Unlike the forward (and the other ops), the backward kernels measured slower without
         # the mask's loads: at 1M points on an H200 (2026-12-01, same run) the forward went
-        # 208 -> 177 ms without them, the backward 773 -> 893 ms. So the backward keeps them,
-        # on a mask of ones.
+        # 208 -> 177 ms without them, the backward 773 -> 893 ms. So the backward kernels
+        # always load it (they have no variant without), here a mask of ones.
         block_real = torch.ones(k_cmp.shape[0], dtype=torch.uint8, device=k_cmp.device)
     dq, dk, dv, dsigma = compressed_attention_bwd_op(
         dout.contiguous(), q, k_cmp, v_cmp, out, lse, pos, centers, block_real, cloud_lo,

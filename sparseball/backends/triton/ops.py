@@ -27,11 +27,16 @@ def _mask(tree: BallTree) -> torch.Tensor:
     return tree.mask.to(torch.uint8)  # a copy of M bytes: inductor cannot lower view(dtype) of bool
 
 
+def _has_padding(tree: BallTree) -> bool:
+    """Whether any slot is padding; without (N = M: each cloud fills its slots, as clouds of
+    multiples of the ball size do) the attention kernels get no mask and compile without its
+    loads (`_common._real_slots`)."""
+    return tree.num_points < tree.num_slots
+
+
 def _padding_mask(tree: BallTree) -> torch.Tensor | None:
-    """The mask for the attention kernels, or None when every slot is real (N = M: each cloud
-    fills its slots, as power-of-two clouds of at least a ball do): they then compile without
-    the mask's loads (`_common._real_slots`)."""
-    return _mask(tree) if tree.num_points < tree.num_slots else None
+    """The mask for the attention kernels, or None when no slot is padding."""
+    return _mask(tree) if _has_padding(tree) else None
 
 
 def _sigma(sigma: torch.Tensor | None) -> torch.Tensor | None:
@@ -59,7 +64,7 @@ def _block_real(tree: BallTree, block_size: int) -> torch.Tensor:
 def _nonempty_blocks(tree: BallTree, block_size: int) -> torch.Tensor | None:
     """`_block_real` for the compressed-attention kernels, or None when no slot is padding
     (then no block is empty)."""
-    return _block_real(tree, block_size) if tree.num_points < tree.num_slots else None
+    return _block_real(tree, block_size) if _has_padding(tree) else None
 
 
 def compress(x: torch.Tensor, tree: BallTree, compress_size: int) -> torch.Tensor:
