@@ -59,6 +59,20 @@ def check_like(name: str, x: object, q: torch.Tensor, shape: tuple[int, ...]) ->
         raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
 
 
+def check_parameter(name: str, x: object, q: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """`x` must be a tensor of `shape` on q's device, float32 or q's dtype: a model's
+    parameters (sigma, the gate projection) stay float32 while q, k, v run in half precision
+    under autocast."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, q.dtype):
+        raise TypeError(f"{name} must be float32 or the dtype of q ({q.dtype}), got {x.dtype}")
+    if x.device != q.device:
+        raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
+
+
 def check_tree(tree: object) -> None:
     from .tree.balltree import BallTree  # the tree package imports this module
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from ._checks import check_like, check_qkv, check_tree
+from ._checks import check_int, check_parameter, check_power_of_two, check_qkv, check_tree
+from .backends import select_backend
 from .tree import BallTree
 
 
@@ -33,12 +34,19 @@ def attention(
     to the points of the `top_k` blocks its query group finds most relevant there, the ball
     branch to the query's own ball.
 
+    The arguments are checked once, here; the branches then run their backend's kernels
+    directly, so a training step pays for no second validation and no host sync (the block
+    ids come from `select_blocks` itself and are not checked again).
+
     Args:
         q, k, v (torch.Tensor): `[M, H, D]` in slot order (`tree.to_slots`).
-        tree (BallTree): the tree they are laid out by.
+        tree (BallTree): the tree they are laid out by (or `tree.rotated_tree(r)` for data in
+            rotated ordering r).
         gates (torch.Tensor | None): `[M, H, 3]` weights of the (compressed, selected, ball)
-            branches; `None` weighs each 1/3.
-        sigma (torch.Tensor | None): `[H]` distance-bias slope shared by the three branches.
+            branches, float32 or q's dtype; `None` weighs each 1/3. The mixture is formed in
+            float32 when the gates are float32.
+        sigma (torch.Tensor | None): `[H]` distance-bias slope shared by the three branches,
+            float32 or q's dtype.
         ball_size (int | None): ball of the local branch, `tree.ball_size` by default.
         compress_size (int | None): block size of compressed keys, `min(32, P)` by default.
         select_size (int | None): size of selectable blocks, `min(64, P)` by default.
@@ -50,7 +58,7 @@ def attention(
         backend (str): `"torch"`, `"triton"`, `"cupy"` or `"auto"`, used by every branch.
 
     Returns:
-        torch.Tensor: `[M, H, D]`.
+        torch.Tensor: `[M, H, D]` in q's dtype.
     """
     check_tree(tree)
     largest = tree.ball_size
@@ -59,22 +67,42 @@ def attention(
     select_size = min(64, largest) if select_size is None else select_size
     group_size = min(64, largest) if group_size is None else group_size
     if not torch.compiler.is_compiling():
-        if (k_cmp is None) != (v_cmp is None):
-            raise ValueError("k_cmp and v_cmp must be given together or not at all")
-        check_qkv(q, k, v, tree)
-        if gates is not None:
-            check_like("gates", gates, q, (*q.shape[:2], 3))
+        _check_arguments(q, k, v, tree, gates, sigma, ball_size, compress_size, select_size,
+                         group_size, top_k, k_cmp, v_cmp)
+    scale = ops._scale(scale, q)
+
+    def kernels(op: str):
+        return select_backend(op, backend, q)
 
     if k_cmp is None:
-        k_cmp = ops.compress(k, tree, compress_size, backend=backend)
-        v_cmp = ops.compress(v, tree, compress_size, backend=backend)
-    o_cmp, lse = ops.compressed_attention(q, k_cmp, v_cmp, tree, compress_size, sigma, scale,
-                                          backend=backend)
-    indices = ops.select_blocks(q, k_cmp, lse, tree, compress_size, select_size, group_size,
-                                top_k, sigma, scale, backend=backend)
-    o_sel = ops.selection_attention(q, k, v, tree, indices, select_size, group_size, sigma,
-                                    scale, backend=backend)
-    o_ball = ops.ball_attention(q, k, v, tree, ball_size, sigma, scale, backend=backend)
+        compress = kernels("compress").compress
+        k_cmp = compress(k, tree, compress_size)
+        v_cmp = compress(v, tree, compress_size)
+    o_cmp, lse = kernels("compressed_attention").compressed_attention(
+        q, k_cmp, v_cmp, tree, compress_size, sigma, scale)
+    indices = kernels("select_blocks").select_blocks(
+        q, k_cmp, lse, tree, compress_size, select_size, group_size, top_k, sigma, scale, None)
+    o_sel = kernels("selection_attention").selection_attention(
+        q, k, v, tree, indices, select_size, group_size, sigma, scale)
+    o_ball = kernels("ball_attention").ball_attention(q, k, v, tree, ball_size, sigma, scale)
     if gates is None:
         return (o_cmp + o_sel + o_ball) / 3
-    return gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_sel + gates[..., 2:3] * o_ball
+    mixed = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_sel + gates[..., 2:3] * o_ball
+    return mixed.to(q.dtype)
+
+
+def _check_arguments(q, k, v, tree, gates, sigma, ball_size, compress_size, select_size,
+                     group_size, top_k, k_cmp, v_cmp) -> None:
+    """Everything the branches' public ops would check, once."""
+    check_qkv(q, k, v, tree)
+    check_power_of_two("ball_size", ball_size, maximum=tree.ball_size)
+    check_power_of_two("compress_size", compress_size, maximum=tree.ball_size)
+    ops._check_selection_sizes(tree, select_size, group_size, compress_size)
+    check_int("top_k", top_k, minimum=1)
+    if (k_cmp is None) != (v_cmp is None):
+        raise ValueError("k_cmp and v_cmp must be given together or not at all")
+    if k_cmp is not None:
+        ops._check_compressed(k_cmp, v_cmp, q, tree, compress_size)
+    ops._check_sigma(sigma, q)
+    if gates is not None:
+        check_parameter("gates", gates, q, (*q.shape[:2], 3))

@@ -2,6 +2,8 @@
 
 Semantics are fixed by docs/contract.md, section 3; `reference/ops.py` is the same in code.
 All tensors are in slot order (`tree.to_slots`), shaped `[M, H, D]` with M = tree.num_slots.
+`sigma` may be float32 or q's dtype (a model keeps it float32 under autocast): the bias is formed
+in float32 for half-precision q, k, v, and sigma's gradient comes back in sigma's own dtype.
 """
 
 from __future__ import annotations
@@ -10,7 +12,15 @@ import math
 
 import torch
 
-from ._checks import check_int, check_like, check_power_of_two, check_qkv, check_slots, check_tree
+from ._checks import (
+    check_int,
+    check_like,
+    check_parameter,
+    check_power_of_two,
+    check_qkv,
+    check_slots,
+    check_tree,
+)
 from .backends import select_backend
 from .tree import BallTree
 
@@ -187,7 +197,7 @@ def _check_compressed(k_cmp: torch.Tensor, v_cmp: torch.Tensor | None, q: torch.
 
 def _check_sigma(sigma: torch.Tensor | None, q: torch.Tensor) -> None:
     if sigma is not None:
-        check_like("sigma", sigma, q, (q.shape[1],))
+        check_parameter("sigma", sigma, q, (q.shape[1],))
 
 
 def _check_lse(lse: object, q: torch.Tensor) -> None:

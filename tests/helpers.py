@@ -112,6 +112,27 @@ def random_tree(cloud_sizes, ball_size: int, dim: int, pos_dtype: torch.dtype,
     )
 
 
+def rotated_built_tree(cloud_sizes, ball_size: int, dim: int, pos_dtype: torch.dtype,
+                       rng: np.random.Generator) -> BallTree:
+    """`tree.rotated_tree(r)` of a tree that `build_tree` (Numba) makes of random points in
+    clouds of `cloud_sizes`, for r drawn from its 2 rotated orderings: the layout a model's odd
+    layers run on. Its padding sits wherever the rotated split put it (blocks of padding only
+    happen), so ops see their real slots in other places than on the unrotated tree."""
+    sizes = torch.tensor(cloud_sizes)
+    pos = torch.from_numpy(rng.normal(size=(int(sizes.sum()), dim))).to(pos_dtype)
+    batch = torch.repeat_interleave(torch.arange(len(cloud_sizes)), sizes)
+    tree = sparseball.build_tree(pos, batch, ball_size=ball_size, rotations=2, backend="numba")
+    return tree.rotated_tree(int(rng.integers(2)))
+
+
+def draw_tree(draw, cloud_sizes, ball_size: int, dim: int, pos_dtype: torch.dtype,
+              rng: np.random.Generator) -> BallTree:
+    """Hypothesis draw of a test layout: `random_tree` (real slots anywhere) or
+    `rotated_built_tree` (a real tree's rotated ordering)."""
+    make = random_tree if draw(st.booleans(), label="random_layout") else rotated_built_tree
+    return make(cloud_sizes, ball_size, dim, pos_dtype, rng)
+
+
 def powers_of_two(up_to: int):
     """Strategy: a power of two in [1, up_to]."""
     return st.sampled_from([1 << i for i in range(up_to.bit_length()) if 1 << i <= up_to])
@@ -133,6 +154,8 @@ class Problem:
     with_sigma: bool
     budget: int | None
     generator: torch.Generator
+    # float32 or `dtype`: a model keeps sigma float32 while q, k, v run in half precision.
+    sigma_dtype: torch.dtype | None = None
 
     def randn(self, *shape, dtype=None) -> torch.Tensor:
         """Standard normal values (never zero), made exactly representable in the problem's
@@ -148,7 +171,7 @@ class Problem:
         if not self.with_sigma:
             return None
         x = torch.rand(self.heads, generator=self.generator, dtype=torch.float64) * 2 - 1
-        return x.to(self.dtype)
+        return x.to(self.sigma_dtype or self.dtype)
 
 
 @st.composite
@@ -161,7 +184,8 @@ def problems(draw, dtype: torch.dtype, max_cloud_size: int = 130) -> Problem:
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     dim = draw(st.integers(1, 3))
-    tree = random_tree(sizes, P, dim, draw(st.sampled_from([torch.float32, torch.float64])), rng)
+    tree = draw_tree(draw, sizes, P, dim, draw(st.sampled_from([torch.float32, torch.float64])),
+                     rng)
     heads = draw(st.integers(1, 3))
     head_dim = draw(st.sampled_from([1, 2, 3, 5, 8, 16]))
     scale = draw(st.sampled_from([1 / math.sqrt(head_dim), 0.3, 1.7]))
@@ -169,6 +193,7 @@ def problems(draw, dtype: torch.dtype, max_cloud_size: int = 130) -> Problem:
         tree=tree, heads=heads, head_dim=head_dim, dtype=dtype, scale=scale,
         with_sigma=draw(st.booleans()), budget=draw(st.sampled_from(BUDGETS)),
         generator=torch.Generator().manual_seed(seed),
+        sigma_dtype=draw(st.sampled_from([dtype, torch.float32]), label="sigma_dtype"),
     )
 
 

@@ -83,7 +83,10 @@ def test_bad_qkv(tree, qkv, mutate, error, match):
         ({"group_size": 12}, ValueError, "group_size must be a power of two"),
         ({"top_k": 0}, ValueError, "top_k must be >= 1"),
         ({"sigma": torch.ones(H + 1)}, ValueError, "sigma must have shape"),
-        ({"sigma": torch.ones(H, dtype=torch.float64)}, TypeError, "sigma must have the dtype"),
+        ({"sigma": torch.ones(H, dtype=torch.float64)}, TypeError,
+         r"sigma must be float32 or the dtype of q \(torch.float32\), got torch.float64"),
+        ({"gates": lambda m: torch.ones(m, H, 3, dtype=torch.float16)}, TypeError,
+         "gates must be float32 or the dtype of q"),
         ({"gates": lambda m: torch.ones(m - 1, H, 3)}, ValueError, "gates must have shape"),
         ({"gates": lambda m: torch.ones(m, H, 2)}, ValueError, "gates must have shape"),
         ({"scale": float("nan")}, ValueError, "scale must be finite"),
@@ -97,6 +100,107 @@ def test_bad_attention_arguments(tree, qkv, kwargs, error, match):
               for name, value in kwargs.items()}
     with pytest.raises(error, match=match):
         sparseball.attention(*qkv, tree, **kwargs)
+
+
+# Mixed precision and the one validation of `attention`
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_mixed_precision_under_autocast(device, dtype):
+    """As a model runs: sigma and the gate projection float32, q, k, v from a projection under
+    `torch.autocast` in half precision, on a rotated ordering. The output comes back in q's
+    dtype, every parameter's gradient in float32, and both match the same model run in float32
+    to within the half-precision rounding of q, k and v: 2 eps of the dtype relative to the
+    largest value (measured on CPU: 0.7 eps for bfloat16, 0.76 eps for float16), which a wrong
+    branch or a dropped bias (logits off by O(1)) fails."""
+    generator = torch.Generator().manual_seed(3)
+    pos = torch.randn(100, 3, generator=generator)
+    batch = torch.tensor([0] * 60 + [1] * 40)
+    tree = sparseball.build_tree(pos.to(device), batch.to(device), ball_size=16,
+                                 rotations=1).rotated_tree(0)
+    M, width = tree.num_slots, 32
+    x = torch.randn(M, width, generator=generator).to(device)
+    torch.manual_seed(0)
+    project = torch.nn.Linear(width, 3 * H * D).to(device)
+    gate = torch.nn.Linear(width, 3 * H).to(device)
+    sigma = torch.nn.Parameter(torch.linspace(-1.0, -0.2, H, device=device))
+    parameters = [*project.parameters(), *gate.parameters(), sigma]
+
+    def step(autocast: bool):
+        for p in parameters:
+            p.grad = None
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
+            q, k, v = project(x).view(M, 3, H, D).unbind(1)
+            gates = torch.sigmoid(gate(x.float()).float()).view(M, H, 3)
+            # top_k covers every block of a cloud: the selection cannot differ between dtypes.
+            out = sparseball.attention(q, k, v, tree, gates=gates, sigma=sigma, compress_size=4,
+                                       select_size=16, group_size=16, top_k=4)
+        out.float().square().sum().backward()
+        return out, [p.grad.clone() for p in parameters]
+
+    half, half_grads = step(True)
+    half = half.detach()
+    single, single_grads = step(False)
+    single = single.detach()
+    assert half.dtype == dtype and single.dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in half_grads)
+    bound = 2 * torch.finfo(dtype).eps
+    real = tree.mask
+    for name, got, want in [("out", half[real], single[real]),
+                            *zip(["weight", "bias", "gate weight", "gate bias", "sigma"],
+                                 half_grads, single_grads, strict=True)]:
+        error = float((got.float() - want).abs().max())
+        assert error <= bound * float(want.abs().max()), f"{name}: {error}"
+
+
+def test_attention_validates_once(tree, qkv, monkeypatch):
+    """`attention` checks its arguments itself and runs the branches unchecked: neither the
+    public ops' checks nor the index check (a sort and a host sync) run inside it."""
+    def fail(*args, **kwargs):
+        raise AssertionError("attention ran a public op's validation")
+
+    monkeypatch.setattr(ops, "check_qkv", fail)
+    monkeypatch.setattr(ops, "_check_indices", fail)
+    monkeypatch.setattr(ops, "_check_lse", fail)
+    out = sparseball.attention(*qkv, tree, sigma=torch.full((H,), -0.5), compress_size=4,
+                               select_size=8, group_size=8, top_k=2)
+    assert out.shape == qkv[0].shape and torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_attention_step_never_syncs(backend):
+    """An eager forward and backward of `attention` (bf16 q, k, v; float32 sigma and gates; a
+    fresh tree's rotated ordering, whose cached fields are filled inside) makes no host sync."""
+    generator = torch.Generator().manual_seed(0)
+    pos = torch.randn(5000, 3, generator=generator).cuda()
+    batch = torch.randint(0, 3, (5000,), generator=generator).cuda()
+
+    def inputs(tree):
+        M = tree.num_slots
+        q, k, v = (torch.randn(M, 4, 32, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True) for _ in range(3))
+        gates = torch.rand(M, 4, 3, device="cuda", requires_grad=True)
+        sigma = torch.full((4,), -1.0, device="cuda", requires_grad=True)
+        return q, k, v, gates, sigma
+
+    def step(tree, q, k, v, gates, sigma):
+        out = sparseball.attention(q, k, v, tree.rotated_tree(0), gates=gates, sigma=sigma,
+                                   top_k=4, backend=backend)
+        out.float().sum().backward()
+
+    warm = sparseball.build_tree(pos, batch, ball_size=64, rotations=1)
+    step(warm, *inputs(warm))  # kernels compile here
+    tree = sparseball.build_tree(pos[1:], batch[1:], ball_size=64, rotations=1)
+    args = inputs(tree)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(tree, *args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
 
 
 def test_bad_tree(qkv):

@@ -392,6 +392,59 @@ def test_rotated_errors():
         _build(pos, batch, 4).rotated(0)
 
 
+@given(batches(max_points=200), st.integers(1, 3))
+def test_rotated_tree(data, rotations):
+    """`rotated_tree(r)` is the tree of ordering r over the same slots: its fields are the
+    slot-ordered ones permuted by `rotated(r)`, `to_slots` / `from_slots` follow, `unrotated(r)`
+    inverts the ordering, and each point has one real slot in its cloud's range (invariant 1;
+    where padding sits is the rotated split's business, `check_rotations`)."""
+    pos, batch, ball_size = data
+    tree = _build(pos, batch, ball_size, rotations)
+    x = torch.randn(len(batch), 2, dtype=torch.float64)
+    for r in range(rotations):
+        order = tree.rotated(r)
+        rotated = tree.rotated_tree(r)
+        assert rotated is tree.rotated_tree(r)  # cached
+        assert rotated.ordering == r and rotated.rotations == 0
+        for name in ("perm", "mask", "pos"):
+            assert torch.equal(getattr(rotated, name), getattr(tree, name)[order]), name
+        assert torch.equal(rotated.offsets, tree.offsets)
+        assert rotated.offsets_list == tree.offsets_list
+        assert (rotated.num_points, rotated.ball_size) == (tree.num_points, tree.ball_size)
+        perm, mask = rotated.perm.numpy(), rotated.mask.numpy()
+        np.testing.assert_array_equal(np.sort(perm[mask]), np.arange(len(batch)))
+        np.testing.assert_array_equal(batch[perm], rotated.slot_cloud.numpy())
+        assert torch.equal(rotated.to_slots(x), tree.to_slots(x)[order])
+        assert torch.equal(rotated.from_slots(rotated.to_slots(x)), x)
+        assert torch.equal(tree.to_slots(x)[order][tree.unrotated(r)], tree.to_slots(x))
+        slot_pos, real = rotated.pos.double(), rotated.mask
+        for block in (1 << i for i in range(ball_size.bit_length())):
+            blocks = slot_pos.view(-1, block, slot_pos.shape[1])
+            weight = real.view(-1, block, 1).double()
+            count = weight.sum(1)
+            want = torch.where(count > 0, (blocks * weight).sum(1) / count.clamp(min=1),
+                               blocks.mean(1))
+            torch.testing.assert_close(rotated.centers(block), want.to(rotated.pos.dtype))
+
+
+def test_rotated_tree_errors():
+    pos, batch = _points([37], 3, "random", np.float32, 0.0, seed=4)
+    tree = _build(pos, batch, 8, rotations=1)
+    rotated = tree.rotated_tree(0)
+    # The issue's example: the ordering moves padding, so ops must read the rotated mask.
+    assert not torch.equal(rotated.mask, tree.mask)
+    assert "ordering=0" in repr(rotated)
+    for method in (rotated.rotated, rotated.unrotated, rotated.rotated_tree):
+        with pytest.raises(ValueError, match="tree of rotated ordering 0"):
+            method(0)
+    with pytest.raises(ValueError, match=r"r must be in \[0, tree.rotations\)"):
+        tree.rotated_tree(1)
+    with pytest.raises(TypeError, match="r must be an int"):
+        tree.unrotated(0.0)
+    moved = rotated.to("cpu")
+    assert moved.ordering == 0 and torch.equal(moved.mask, rotated.mask)
+
+
 # Argument errors
 
 

@@ -30,6 +30,7 @@ from helpers import (
     assert_matches,
     assert_valid_selection,
     attention_magnitudes,
+    draw_tree,
     grads,
     leaves,
     random_indices,
@@ -91,9 +92,12 @@ def _interpreter_and_poison(monkeypatch):
 class Problem:
     """A random tree and the inputs of every op on it, in one dtype."""
 
-    def __init__(self, tree, heads, head_dim, dtype, scale, with_sigma, seed, device="cpu"):
+    def __init__(self, tree, heads, head_dim, dtype, scale, with_sigma, seed, device="cpu",
+                 sigma_dtype=None):
         self.tree = tree.to(device) if device != "cpu" else tree
         self.heads, self.head_dim, self.dtype, self.scale = heads, head_dim, dtype, scale
+        # float32 or `dtype`: a model keeps sigma float32 while q, k, v run in half precision.
+        self.sigma_dtype = sigma_dtype or dtype
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.sigma_value = self._sigma() if with_sigma else None
@@ -109,7 +113,7 @@ class Problem:
 
     def _sigma(self) -> torch.Tensor:
         x = torch.rand(self.heads, generator=self.generator, device=self.device) * 2 - 1
-        return x.to(self.dtype)
+        return x.to(self.sigma_dtype)
 
 
 @st.composite
@@ -123,13 +127,14 @@ def problems(draw, dtype, ball_sizes=(2, 4, 8, 16), max_cloud=40, max_heads=2):
     if draw(st.booleans()):  # an empty cloud: offsets repeat
         sizes.insert(draw(st.integers(0, len(sizes))), 0)
     seed = draw(st.integers(0, 2**31 - 1))
-    tree = random_tree(sizes, P, draw(st.integers(1, 3)),
-                       draw(st.sampled_from([torch.float32, torch.float64])),
-                       np.random.default_rng(seed))
+    tree = draw_tree(draw, sizes, P, draw(st.integers(1, 3)),
+                     draw(st.sampled_from([torch.float32, torch.float64])),
+                     np.random.default_rng(seed))
     head_dim = draw(st.sampled_from([16, 8, 20, 32]))
     scale = draw(st.sampled_from([1 / math.sqrt(head_dim), 0.3]))
     return Problem(tree, draw(st.integers(1, max_heads)), head_dim, dtype, scale,
-                   draw(st.booleans()), seed)
+                   draw(st.booleans()), seed,
+                   sigma_dtype=draw(st.sampled_from([dtype, torch.float32]), label="sigma_dtype"))
 
 
 def fixed_problem(sizes, P, dtype, heads=2, head_dim=16, seed=0, with_sigma=True, device="cpu"):
@@ -477,25 +482,33 @@ def test_backward_keeps_the_output_only_when_it_reads_it(dtype):
         assert all(torch.isfinite(t.grad).all() for t in (q, k, v)), name
 
 
-def test_attention_mixture_matches_torch_backend():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_attention_mixture_matches_torch_backend(dtype):
     """`sparseball.attention` (every op, through the public API) agrees with the torch
-    backend, output and gradients."""
+    backend, output and gradients, with float32 sigma and gates (as a model under autocast
+    keeps them) whatever the dtype of q, k, v. Both backends accumulate in float32 and round
+    once to the output dtype: they may differ by that rounding, one ulp of the dtype."""
     if torch_ops is None:
         pytest.skip("the torch backend is not available")
-    problem = fixed_problem([50, 20], 16, torch.float32, heads=2, head_dim=16, seed=7)
+    problem = fixed_problem([50, 20], 16, dtype, heads=2, head_dim=16, seed=7)
     tree = problem.tree
-    inputs = leaves(problem.slots(), problem.slots(), problem.slots(), problem.sigma_value)
-    gates = torch.softmax(problem.randn(tree.num_slots, problem.heads, 3), -1)
+    sigma = torch.tensor([-0.7, 0.3])
+    inputs = leaves(problem.slots(), problem.slots(), problem.slots(), sigma,
+                    torch.softmax(torch.randn(tree.num_slots, problem.heads, 3), -1))
     grad_out = problem.slots()
     results = []
     for backend in ("triton", "torch"):
         tensors = leaves(*inputs)
-        out = sparseball.attention(*tensors[:3], tree, gates=gates, sigma=tensors[3], top_k=2,
-                                   compress_size=4, select_size=4, group_size=8,
+        out = sparseball.attention(*tensors[:3], tree, gates=tensors[4], sigma=tensors[3],
+                                   top_k=2, compress_size=4, select_size=4, group_size=8,
                                    backend=backend)
         results.append([out, *grads(out, tensors, grad_out)])
-    for name, got, want in zip(["out", "dq", "dk", "dv", "dsigma"], *results, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+    ulp = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    names = ["out", "dq", "dk", "dv", "dsigma", "dgates"]
+    for name, got, want in zip(names, *results, strict=True):
+        assert got.dtype == (dtype if name in ("out", "dq", "dk", "dv") else torch.float32), name
+        scale = float(want.detach().abs().max())
+        torch.testing.assert_close(got, want, rtol=ulp, atol=ulp * scale, msg=name)
 
 
 def test_public_dispatch(monkeypatch):

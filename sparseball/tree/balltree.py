@@ -22,6 +22,9 @@ class BallTree:
         rotation_perms (torch.Tensor): int64 `[R, M]`, slot orderings of the rotated trees.
         offsets_list (tuple[int, ...]): `offsets` on the host, so that ops can size their work
             without a device sync.
+        num_points (int): N, the number of input points (real slots).
+        ordering (int | None): None for the tree `build_tree` returns; r for the tree of its
+            rotated ordering r (`rotated_tree(r)`), which has no further orderings.
     """
 
     perm: torch.Tensor
@@ -32,7 +35,8 @@ class BallTree:
     rotation_perms: torch.Tensor
     offsets_list: tuple[int, ...]
     num_points: int
-    # Derived tensors (slot_cloud, centers per block size), computed once per tree.
+    ordering: int | None = None
+    # Derived tensors (slot_cloud, centers per block size, rotated trees), computed once per tree.
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -107,14 +111,56 @@ class BallTree:
 
     def rotated(self, r: int) -> torch.Tensor:
         """int64 `[M]`: `x[tree.rotated(r)]` puts slot-ordered data into rotated ordering r."""
+        self._check_ordering(r)
+        return self.rotation_perms[r]
+
+    def unrotated(self, r: int) -> torch.Tensor:
+        """int64 `[M]`, the inverse of `rotated(r)`: `y[tree.unrotated(r)]` puts data of
+        rotated ordering r back into slot order."""
+        self._check_ordering(r)
+        if ("unrotated", r) not in self._cache:
+            order = self.rotation_perms[r]
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.shape[0], device=order.device)
+            self._cache[("unrotated", r)] = inverse
+        return self._cache[("unrotated", r)]
+
+    def rotated_tree(self, r: int) -> BallTree:
+        """The tree of rotated ordering r over the same slots: same slot count, offsets, ball
+        size and padding slots, with `perm`, `mask`, `pos` and `centers(c)` in ordering r.
+
+        Every op called with it on data in ordering r (`x[tree.rotated(r)]`) is right, and
+        `tree.rotated_tree(r).to_slots(x)` equals `tree.to_slots(x)[tree.rotated(r)]`. No
+        rebuild: the fields are gathered once and cached with this tree.
+        """
+        order = self.rotated(r)
+        if ("rotated_tree", r) not in self._cache:
+            self._cache[("rotated_tree", r)] = BallTree(
+                perm=self.perm[order],
+                mask=self.mask[order],
+                offsets=self.offsets,
+                pos=self.pos[order],
+                ball_size=self.ball_size,
+                rotation_perms=self.rotation_perms[:0],
+                offsets_list=self.offsets_list,
+                num_points=self.num_points,
+                ordering=r,
+            )
+        return self._cache[("rotated_tree", r)]
+
+    def _check_ordering(self, r: object) -> None:
         if not isinstance(r, int) or isinstance(r, bool):
             raise TypeError(f"r must be an int, got {type(r).__name__}")
+        if self.ordering is not None:
+            raise ValueError(
+                f"this is the tree of rotated ordering {self.ordering}, which has no orderings of "
+                "its own: call rotated, unrotated or rotated_tree on the tree build_tree returned"
+            )
         if not 0 <= r < self.rotations:
             raise ValueError(
                 f"r must be in [0, tree.rotations) = [0, {self.rotations}), got {r} "
                 "(build the tree with rotations=R to get R rotated orderings)"
             )
-        return self.rotation_perms[r]
 
     def to(self, device: torch.device | str) -> BallTree:
         """The same tree with its tensors on `device`."""
@@ -127,12 +173,15 @@ class BallTree:
             rotation_perms=self.rotation_perms.to(device),
             offsets_list=self.offsets_list,
             num_points=self.num_points,
+            ordering=self.ordering,
         )
 
     def __repr__(self) -> str:
         return (
             f"BallTree(num_points={self.num_points}, num_slots={self.num_slots}, "
             f"num_clouds={self.num_clouds}, dim={self.dim}, ball_size={self.ball_size}, "
-            f"rotations={self.rotations}, device={self.device})"
+            f"rotations={self.rotations}, "
+            + ("" if self.ordering is None else f"ordering={self.ordering}, ")
+            + f"device={self.device})"
         )
 
