@@ -1,0 +1,172 @@
+"""Attention layers over slot-ordered point features: Native Sparse Attention on the ball tree
+(`BallNSA`) and the two baselines a study compares it with, local ball attention
+(`BallAttention`, Erwin's flat attention) and exact attention inside each cloud
+(`CloudAttention`). All three take `[M, dim]` features in the slot order of the tree they are
+given (a `rotated_tree(r)` for data in rotated ordering r) and return the same shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparseball
+
+__all__ = ["BallAttention", "BallNSA", "CloudAttention"]
+
+
+class _PointAttention(nn.Module):
+    """What every attention layer here shares: Erwin's relative position encoding
+    (`x + Linear(p - centre of the point's ball)`), the q, k, v and output projections."""
+
+    def __init__(self, dim: int, heads: int, *, ball_size: int, pos_dim: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim must be a multiple of heads = {heads}, got {dim}")
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.ball_size = ball_size
+        self.relative_position = nn.Linear(pos_dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _check(self, x: torch.Tensor, tree) -> None:
+        if torch.compiler.is_compiling():
+            return
+        if x.ndim != 2 or x.shape != (tree.num_slots, self.dim):
+            raise ValueError(f"x must have shape (M, dim) = ({tree.num_slots}, {self.dim}), "
+                             f"got {tuple(x.shape)}")
+        if tree.ball_size < self.ball_size:
+            raise ValueError(f"the tree's ball_size must be >= the layer's ball_size = "
+                             f"{self.ball_size}, got {tree.ball_size}")
+
+    def _qkv(self, x: torch.Tensor, tree) -> tuple[torch.Tensor, ...]:
+        """q, k, v `[M, H, D]` of features `x` `[M, dim]` with the relative position added."""
+        ball = self.ball_size
+        centre = tree.centers(ball).repeat_interleave(ball, dim=0, output_size=tree.num_slots)
+        x = x + self.relative_position((tree.pos - centre).to(self.relative_position.weight.dtype))
+        return self.qkv(x).view(-1, 3, self.heads, self.head_dim).unbind(1)
+
+
+class BallNSA(_PointAttention):
+    """Native Sparse Attention on a ball tree, as Erwin NSA builds it.
+
+    Three branches mixed by per-point gates `sigmoid(Linear(x))`: compressed (queries attend
+    to learned summaries of `compress_size`-blocks of their cloud), selected (each group of
+    `group_size` neighbouring queries attends to the points of its `top_k` most relevant
+    `select_size`-blocks) and local (each point attends to its own `ball_size`-ball). The
+    gates start local first (biases -2, -2, +2). Every branch adds the learned distance bias
+    `sigma[h] * ||p_i - p_key||` (sigma float32, initialised to `sigma_init`).
+
+    Compression: NSA's learned block summary. Each key (value) of a block gets an encoding of
+    its position relative to the block's centre, and a linear map of the block's `c` keys
+    flattened, `[c * D] -> [D]`, is added to the block's mean; it starts at zero, so the layer
+    starts from mean pooling. One map serves keys and values of every head, which keeps the
+    layer within a few percent of `BallAttention`'s parameters (a fair baseline).
+    `compression="mean"` keeps the mean only. Padding slots enter neither.
+
+    Args:
+        dim (int): feature width, a multiple of `heads`.
+        heads (int): attention heads; `dim // heads` is the head dim (>= 16 keeps the kernels
+            on full tensor-core tiles).
+        ball_size, compress_size, select_size, group_size, top_k: the NSA sizes
+            (`sparseball.attention`); powers of two <= the tree's `ball_size`.
+        compression (str): `"mlp"` (learned, the default) or `"mean"`.
+        pos_dim (int): coordinates per point.
+        sigma_init (float): initial distance-bias slope of every head (negative: near first).
+        backend (str): the `sparseball` backend of every op.
+    """
+
+    def __init__(self, dim: int, heads: int, *, ball_size: int = 128, compress_size: int = 32,
+                 select_size: int = 64, group_size: int = 64, top_k: int = 8,
+                 compression: str = "mlp", pos_dim: int = 3, sigma_init: float = -1.0,
+                 backend: str = "auto"):
+        super().__init__(dim, heads, ball_size=ball_size, pos_dim=pos_dim)
+        if compression not in ("mlp", "mean"):
+            raise ValueError(f"compression must be 'mlp' or 'mean', got {compression!r}")
+        self.compress_size, self.select_size = compress_size, select_size
+        self.group_size, self.top_k, self.backend = group_size, top_k, backend
+        self.sigma = nn.Parameter(torch.full((heads,), float(sigma_init)))
+        self.gate = nn.Linear(dim, 3 * heads)
+        with torch.no_grad():
+            self.gate.bias.copy_(torch.tensor([-2.0, -2.0, 2.0]).repeat(heads))
+        self.compressor = None
+        if compression == "mlp":
+            self.block_position = nn.Linear(pos_dim, self.head_dim)
+            self.compressor = nn.Linear(compress_size * self.head_dim, self.head_dim)
+            nn.init.zeros_(self.compressor.weight)
+            nn.init.zeros_(self.compressor.bias)
+
+    def forward(self, x: torch.Tensor, tree) -> torch.Tensor:
+        """`x` `[M, dim]` in the slot order of `tree` -> `[M, dim]`."""
+        self._check(x, tree)
+        q, k, v = self._qkv(x, tree)
+        gates = torch.sigmoid(self.gate(x).float()).view(-1, self.heads, 3)
+        k_cmp, v_cmp = self._compress(k, tree), self._compress(v, tree)
+        out = sparseball.attention(
+            q, k, v, tree, gates=gates, sigma=self.sigma, ball_size=self.ball_size,
+            compress_size=self.compress_size, select_size=self.select_size,
+            group_size=self.group_size, top_k=self.top_k, k_cmp=k_cmp, v_cmp=v_cmp,
+            backend=self.backend)
+        return self.proj(out.reshape(x.shape[0], self.dim))
+
+    def _compress(self, x: torch.Tensor, tree) -> torch.Tensor:
+        """Block summaries `[M / c, H, D]` of keys or values `x` `[M, H, D]`."""
+        c = self.compress_size
+        mean = sparseball.ops.compress(x, tree, c, backend=self.backend)
+        if self.compressor is None:
+            return mean
+        centre = tree.centers(c).repeat_interleave(c, dim=0, output_size=tree.num_slots)
+        offset = self.block_position((tree.pos - centre).to(self.block_position.weight.dtype))
+        real = tree.mask.view(-1, 1, 1)
+        # `where`: padding slots never act, whatever they hold.
+        members = torch.where(real, x + offset[:, None, :].to(x.dtype), 0)
+        blocks = members.view(-1, c, self.heads, self.head_dim).transpose(1, 2)
+        learned = self.compressor(blocks.reshape(*blocks.shape[:2], -1))
+        return mean + learned.to(mean.dtype)
+
+
+class BallAttention(_PointAttention):
+    """Local ball attention only (Erwin's flat attention): each point attends to the points
+    of its own `ball_size`-ball, with the learned distance bias `sigma`. The NSA ablation."""
+
+    def __init__(self, dim: int, heads: int, *, ball_size: int = 128, pos_dim: int = 3,
+                 sigma_init: float = -1.0, backend: str = "auto"):
+        super().__init__(dim, heads, ball_size=ball_size, pos_dim=pos_dim)
+        self.backend = backend
+        self.sigma = nn.Parameter(torch.full((heads,), float(sigma_init)))
+
+    def forward(self, x: torch.Tensor, tree) -> torch.Tensor:
+        """`x` `[M, dim]` in the slot order of `tree` -> `[M, dim]`."""
+        self._check(x, tree)
+        q, k, v = self._qkv(x, tree)
+        out = sparseball.ops.ball_attention(q, k, v, tree, self.ball_size, self.sigma,
+                                            backend=self.backend)
+        return self.proj(out.reshape(x.shape[0], self.dim))
+
+
+class CloudAttention(_PointAttention):
+    """Exact attention of every point to every real point of its cloud (PyTorch SDPA, one
+    call per cloud, padding slots masked as keys): the quadratic upper baseline. No distance
+    bias (it would be a dense `[n, n]` tensor per head); positions enter through the relative
+    position encoding and the model's embedding."""
+
+    def __init__(self, dim: int, heads: int, *, ball_size: int = 128, pos_dim: int = 3):
+        super().__init__(dim, heads, ball_size=ball_size, pos_dim=pos_dim)
+
+    def forward(self, x: torch.Tensor, tree) -> torch.Tensor:
+        """`x` `[M, dim]` in the slot order of `tree` -> `[M, dim]`."""
+        self._check(x, tree)
+        q, k, v = (t.transpose(0, 1) for t in self._qkv(x, tree))       # [H, M, D]
+        offsets = tree.offsets_list
+        has_padding = tree.num_points < tree.num_slots
+        outs = []
+        for start, end in zip(offsets[:-1], offsets[1:], strict=True):
+            if end == start:
+                continue
+            # Without padding there is no mask, and SDPA may take its flash kernel.
+            mask = tree.mask[start:end].view(1, 1, -1) if has_padding else None
+            outs.append(F.scaled_dot_product_attention(
+                q[:, start:end], k[:, start:end], v[:, start:end], attn_mask=mask))
+        out = torch.cat(outs, dim=1).transpose(0, 1)
+        return self.proj(out.reshape(x.shape[0], self.dim))

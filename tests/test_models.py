@@ -1,0 +1,143 @@
+"""The layers of `sparseball.nn` and the `ErwinNSA` model: shapes, gradients, permutation
+equivariance, cloud isolation, padding, mixed precision and argument errors, for the model and
+its two baselines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparseball
+from sparseball.models import ATTENTIONS, ErwinNSA
+from sparseball.nn import BallNSA, LeafMessagePassing
+
+SMALL = dict(dim=32, heads=2, depth=2, ball_size=16, compress_size=4, select_size=8,
+             group_size=8, top_k=2)
+devices = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+
+
+def _clouds(sizes, seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    pos = torch.rand(n, 3, generator=generator)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    shuffle = torch.randperm(n, generator=generator)
+    x = torch.rand(n, 2, generator=generator)
+    return x[shuffle].to(device), pos[shuffle].to(device), batch[shuffle].to(device)
+
+
+def _model(attention, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return ErwinNSA(2, 3, attention=attention, message_passing=True, **{**SMALL, **kwargs})
+
+
+@devices
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_forward_backward(attention, device):
+    x, pos, batch = _clouds([37, 1, 60], device=device)
+    model = _model(attention).to(device)
+    out = model(x, pos, batch)
+    assert out.shape == (x.shape[0], 3) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # The learned compression starts at zero (mean pooling) but learns from the first step.
+    if attention == "nsa":
+        assert model.blocks[0].attention.compressor.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_permutation_equivariance(attention):
+    """Shuffling the input points shuffles the outputs the same way: the tree puts the points
+    into the same slots whatever their input order (distinct positions)."""
+    x, pos, batch = _clouds([50, 29])
+    model = _model(attention).eval()
+    shuffle = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model(x, pos, batch)
+        moved = model(x[shuffle], pos[shuffle], batch[shuffle])
+    torch.testing.assert_close(moved, out[shuffle], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_clouds_are_isolated(attention):
+    """Changing every point of one cloud changes no output of another."""
+    x, pos, batch = _clouds([40, 33, 17])
+    model = _model(attention).eval()
+    other = batch == 1
+    x2, pos2 = x.clone(), pos.clone()
+    x2[other] = torch.rand(int(other.sum()), 2)
+    pos2[other] = torch.rand(int(other.sum()), 3)
+    with torch.no_grad():
+        out, out2 = model(x, pos, batch), model(x2, pos2, batch)
+    torch.testing.assert_close(out2[~other], out[~other], rtol=0, atol=0)
+
+
+def test_parameter_counts_within_ten_percent():
+    """The baselines get the model's budget: parameter counts within 10% at the defaults and
+    at the small test size."""
+    for kwargs in ({}, SMALL):
+        counts = {a: sum(p.numel() for p in ErwinNSA(1, 3, attention=a, **kwargs).parameters())
+                  for a in ATTENTIONS}
+        assert max(counts.values()) <= 1.1 * min(counts.values()), counts
+
+
+@pytest.mark.parametrize("layer", ["nsa", "message_passing"])
+def test_padding_never_acts(layer):
+    """Whatever padding slots hold, the outputs of real slots stay the same (a layer sees
+    features in slot order, padding included)."""
+    _, pos, batch = _clouds([37, 21])
+    tree = sparseball.build_tree(pos, batch, ball_size=16, rotations=1).rotated_tree(0)
+    torch.manual_seed(0)
+    module = (BallNSA(32, 2, ball_size=16, compress_size=4, select_size=8, group_size=8, top_k=2)
+              if layer == "nsa" else LeafMessagePassing(32, leaf_size=8, neighbours=3))
+    if layer == "nsa":  # a compressor that acts from the start
+        torch.nn.init.normal_(module.compressor.weight)
+    h = torch.randn(tree.num_slots, 32)
+    poisoned = torch.where(tree.mask[:, None], h, torch.randn_like(h) * 100)
+    with torch.no_grad():
+        real = tree.mask
+        torch.testing.assert_close(module(poisoned, tree)[real], module(h, tree)[real],
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_autocast(dtype):
+    x, pos, batch = _clouds([45, 20])
+    model = _model("nsa")
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(x, pos, batch)
+    out.float().square().mean().backward()
+    assert model.blocks[0].attention.sigma.grad.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_prebuilt_tree_gives_the_same_output():
+    x, pos, batch = _clouds([30, 30])
+    model = _model("nsa").eval()
+    tree = sparseball.build_tree(pos, batch, ball_size=32, rotations=1)
+    with torch.no_grad():
+        assert torch.isfinite(model(x, pos, batch, tree=tree)).all()
+        torch.testing.assert_close(model(x, pos, batch, tree=model.build_tree(pos, batch)),
+                                   model(x, pos, batch), rtol=0, atol=0)
+
+
+def test_bad_arguments():
+    x, pos, batch = _clouds([30])
+    model = _model("nsa")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        ErwinNSA(2, 3, attention="linear")
+    with pytest.raises(ValueError, match="select_size must be <= ball_size"):
+        ErwinNSA(2, 3, ball_size=16, compress_size=8, select_size=32)
+    with pytest.raises(ValueError, match=r"dim must be a multiple of heads"):
+        ErwinNSA(2, 3, dim=30, heads=4)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, in_dim\) = \(30, 2\)"):
+        model(x[:, :1], pos, batch)
+    with pytest.raises(ValueError, match=r"pos must have shape \(N, pos_dim\)"):
+        model(x, pos[:, :2], batch)
+    with pytest.raises(ValueError, match="tree must have a rotated ordering"):
+        model(x, pos, batch, tree=sparseball.build_tree(pos, batch, ball_size=16))
+    with pytest.raises(ValueError, match="tree must have ball_size >= 16"):
+        model(x, pos, batch, tree=sparseball.build_tree(pos, batch, ball_size=8, rotations=1))
+    with pytest.raises(ValueError, match="compression must be 'mlp' or 'mean'"):
+        BallNSA(32, 2, compression="max")
