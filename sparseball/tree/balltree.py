@@ -22,6 +22,7 @@ class BallTree:
         rotation_perms (torch.Tensor): int64 `[R, M]`, slot orderings of the rotated trees.
         offsets_list (tuple[int, ...]): `offsets` on the host, so that ops can size their work
             without a device sync.
+        num_points (int): N, the number of input points.
     """
 
     perm: torch.Tensor
@@ -37,22 +38,27 @@ class BallTree:
 
     @property
     def num_slots(self) -> int:
+        """M, the number of slots (real and padding)."""
         return self.perm.shape[0]
 
     @property
     def num_clouds(self) -> int:
+        """B, the number of clouds: `batch.max() + 1` (1 without `batch`), empty ones included."""
         return len(self.offsets_list) - 1
 
     @property
     def rotations(self) -> int:
+        """R, the number of rotated orderings."""
         return self.rotation_perms.shape[0]
 
     @property
     def device(self) -> torch.device:
+        """The device of every tensor of the tree."""
         return self.perm.device
 
     @property
     def dim(self) -> int:
+        """The number of coordinates of each position."""
         return self.pos.shape[1]
 
     @property
