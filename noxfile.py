@@ -1,4 +1,5 @@
-"""Sessions: `nox -s test` (CPU suite), `nox -s demo` (the main job), `nox -s lint`, and
+"""Sessions: `nox -s test` (CPU suite), `nox -s demo` (the main job), `nox -s lint`,
+`nox -s docs` (the documentation site, strict), and
 `nox -s gpu` (the GPU suite and benchmarks on a CUDA machine, with what is installed there)."""
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ def demo(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site: `mkdocs build --strict` into the ignored site/. docs/hooks.py
+    imports sparseball (the backend table), hence torch and the package in the session."""
+    _install(session, "docs")
+    session.env["NO_MKDOCS_2_WARNING"] = "1"  # Material's banner about MkDocs 2, not about us
+    session.run("mkdocs", "build", "--strict", *session.posargs)
 
 
 @nox.session(venv_backend="none")

@@ -39,7 +39,9 @@ def attention(
     ids come from `select_blocks` itself and are not checked again).
 
     Args:
-        q, k, v (torch.Tensor): `[M, H, D]` in slot order (`tree.to_slots`).
+        q (torch.Tensor): queries `[M, H, D]` in slot order (`tree.to_slots`).
+        k (torch.Tensor): keys `[M, H, D]` in slot order.
+        v (torch.Tensor): values `[M, H, D]` in slot order.
         tree (BallTree): the tree they are laid out by (or `tree.rotated_tree(r)` for data in
             rotated ordering r).
         gates (torch.Tensor | None): `[M, H, 3]` weights of the (compressed, selected, ball)
@@ -52,8 +54,10 @@ def attention(
         select_size (int | None): size of selectable blocks, `min(64, P)` by default.
         group_size (int | None): queries sharing one selection, `min(64, P)` by default.
         top_k (int): blocks selected per group and head.
-        k_cmp, v_cmp (torch.Tensor | None): `[M / compress_size, H, D]` compressed keys and
-            values (e.g. learned); `compress(k)`, `compress(v)` by default.
+        k_cmp (torch.Tensor | None): `[M / compress_size, H, D]` compressed keys (e.g.
+            learned); `compress(k)` by default. Given together with `v_cmp`.
+        v_cmp (torch.Tensor | None): `[M / compress_size, H, D]` compressed values;
+            `compress(v)` by default.
         scale (float | None): logit scale, `1 / sqrt(D)` by default.
         backend (str): `"torch"`, `"triton"`, `"cupy"` or `"auto"`, used by every branch.
 

@@ -4,6 +4,9 @@ Semantics are fixed by docs/contract.md, section 3; `reference/ops.py` is the sa
 All tensors are in slot order (`tree.to_slots`), shaped `[M, H, D]` with M = tree.num_slots.
 `sigma` may be float32 or q's dtype (a model keeps it float32 under autocast): the bias is formed
 in float32 for half-precision q, k, v, and sigma's gradient comes back in sigma's own dtype.
+Every op also takes a keyword-only `backend`: `"torch"`, `"triton"`, `"cupy"` or `"auto"` (the
+default: the innermost `use_backend`, else $SPARSEBALL_BACKEND, else the fastest backend that
+can serve the call).
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ def ball_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: Ball
     """Each slot attends to the real slots of its own aligned `ball_size`-block.
 
     Args:
-        q, k, v (torch.Tensor): `[M, H, D]` in slot order.
+        q (torch.Tensor): queries `[M, H, D]` in slot order.
+        k (torch.Tensor): keys `[M, H, D]` in slot order.
+        v (torch.Tensor): values `[M, H, D]` in slot order.
         tree (BallTree): the tree they are laid out by.
         ball_size (int): a power of two <= `tree.ball_size`.
         sigma (torch.Tensor | None): `[H]`, adds `sigma[h] * ||p_i - p_j||` to each logit.
@@ -83,15 +88,17 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
 
     Args:
         q (torch.Tensor): `[M, H, D]` queries in slot order.
-        k_cmp, v_cmp (torch.Tensor): `[M / compress_size, H, D]` compressed keys and values.
+        k_cmp (torch.Tensor): `[M / compress_size, H, D]` compressed keys.
+        v_cmp (torch.Tensor): `[M / compress_size, H, D]` compressed values.
         tree (BallTree): the tree q is laid out by.
         compress_size (int): a power of two <= `tree.ball_size`.
         sigma (torch.Tensor | None): `[H]`, bias `sigma[h] * ||p_i - tree.centers(c)[u]||`.
         scale (float | None): logit scale, `1 / sqrt(D)` by default.
 
     Returns:
-        tuple[torch.Tensor, torch.Tensor]: the output `[M, H, D]` and the float32 log-sum-exp
-        of the logits `[M, H]` (no gradient; it feeds `select_blocks`).
+        torch.Tensor: the output, `[M, H, D]`.
+        torch.Tensor: float32 `[M, H]`, the log-sum-exp of each query's logits (no gradient;
+            it feeds `select_blocks`).
     """
     if not torch.compiler.is_compiling():
         check_tree(tree)
@@ -130,7 +137,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, tree:
 
     Returns:
         torch.Tensor: int32 `[M / group_size, H, top_k]`, block ids in ascending order,
-        then -1 where the cloud has fewer than `top_k` candidates.
+            then -1 where the cloud has fewer than `top_k` candidates.
     """
     if not torch.compiler.is_compiling():
         check_tree(tree)
@@ -155,7 +162,9 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree:
     """Each query attends to the real slots of the blocks its group selected.
 
     Args:
-        q, k, v (torch.Tensor): `[M, H, D]` in slot order.
+        q (torch.Tensor): queries `[M, H, D]` in slot order.
+        k (torch.Tensor): keys `[M, H, D]` in slot order.
+        v (torch.Tensor): values `[M, H, D]` in slot order.
         tree (BallTree): the tree they are laid out by.
         indices (torch.Tensor): int32 `[M / group_size, H, top_k]` ids of `select_size`-blocks
             (as from `select_blocks`): distinct per row, in the group's cloud, -1 for none.

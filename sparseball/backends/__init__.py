@@ -130,6 +130,11 @@ def use_backend(name: str) -> Iterator[None]:
     """Make `name` the backend that `backend="auto"` means inside the `with` block.
 
     A default set this way is forced: a call it cannot serve raises instead of falling back.
+    Blocks nest (the innermost wins) and are per thread; `$SPARSEBALL_BACKEND` sets the
+    default outside any block.
+
+    Args:
+        name (str): `"torch"`, `"triton"`, `"cupy"` or `"auto"` (no default: pick per call).
     """
     _check_backend_name("name", name)
     stack = _default.__dict__.setdefault("stack", [])

@@ -41,22 +41,27 @@ class BallTree:
 
     @property
     def num_slots(self) -> int:
+        """M, the number of slots (real and padding)."""
         return self.perm.shape[0]
 
     @property
     def num_clouds(self) -> int:
+        """B, the number of clouds: `batch.max() + 1` (1 without `batch`), empty ones included."""
         return len(self.offsets_list) - 1
 
     @property
     def rotations(self) -> int:
+        """R, the number of rotated orderings."""
         return self.rotation_perms.shape[0]
 
     @property
     def device(self) -> torch.device:
+        """The device of every tensor of the tree."""
         return self.perm.device
 
     @property
     def dim(self) -> int:
+        """The number of coordinates of each position."""
         return self.pos.shape[1]
 
     @property
