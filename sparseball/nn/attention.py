@@ -157,7 +157,9 @@ class CloudAttention(_PointAttention):
     def forward(self, x: torch.Tensor, tree) -> torch.Tensor:
         """`x` `[M, dim]` in the slot order of `tree` -> `[M, dim]`."""
         self._check(x, tree)
-        q, k, v = (t.transpose(0, 1) for t in self._qkv(x, tree))       # [H, M, D]
+        # [1, H, M, D]: SDPA's fused kernels (flash, memory-efficient) want 4-D inputs; 3-D
+        # ones fall back to the math path, which stores every [n, n] score matrix.
+        q, k, v = (t.transpose(0, 1)[None] for t in self._qkv(x, tree))
         offsets = tree.offsets_list
         has_padding = tree.num_points < tree.num_slots
         outs = []
@@ -165,8 +167,8 @@ class CloudAttention(_PointAttention):
             if end == start:
                 continue
             # Without padding there is no mask, and SDPA may take its flash kernel.
-            mask = tree.mask[start:end].view(1, 1, -1) if has_padding else None
+            mask = tree.mask[start:end].view(1, 1, 1, -1) if has_padding else None
             outs.append(F.scaled_dot_product_attention(
-                q[:, start:end], k[:, start:end], v[:, start:end], attn_mask=mask))
-        out = torch.cat(outs, dim=1).transpose(0, 1)
+                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], attn_mask=mask))
+        out = torch.cat(outs, dim=2)[0].transpose(0, 1)
         return self.proj(out.reshape(x.shape[0], self.dim))
