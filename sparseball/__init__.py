@@ -18,4 +18,6 @@ __all__ = [
     "ops",
     "use_backend",
 ]
+# The one place of the version: pyproject.toml reads it from here (a literal, read without
+# importing) for the package metadata.
 __version__ = "0.1.0"
