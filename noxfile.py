@@ -14,7 +14,7 @@ import zipfile
 
 import nox
 
-nox.options.sessions = ["lint", "test", "package"]
+nox.options.sessions = ["lint", "test", "package", "docs"]
 nox.options.default_venv_backend = "venv"
 
 # A CPU build: an unpinned torch resolves to a CUDA build of several GB.
