@@ -58,7 +58,10 @@ class ErwinNSA(nn.Module):
             baselines, whose parameter counts differ by a few percent (the gates and the
             compression MLP of NSA).
         ball_size (int): the tree's ball size and the local attention's ball.
-        compress_size, select_size, group_size, top_k: NSA sizes (`sparseball.attention`).
+        compress_size (int): block size of the compressed branch.
+        select_size (int): size of the blocks the selection branch picks.
+        group_size (int): queries that share one selection.
+        top_k (int): blocks each group selects.
         compression (str): `"mlp"` (learned block summaries) or `"mean"`.
         pos_dim (int): coordinates per point.
         frequencies (int): Fourier frequencies of the position embedding (0: none).

@@ -69,8 +69,12 @@ class BallNSA(_PointAttention):
         dim (int): feature width, a multiple of `heads`.
         heads (int): attention heads; `dim // heads` is the head dim (>= 16 keeps the kernels
             on full tensor-core tiles).
-        ball_size, compress_size, select_size, group_size, top_k: the NSA sizes
-            (`sparseball.attention`); powers of two <= the tree's `ball_size`.
+        ball_size (int): ball of the local branch (powers of two <= the tree's `ball_size`,
+            as every size here).
+        compress_size (int): block size of the compressed branch.
+        select_size (int): size of the blocks the selection branch picks.
+        group_size (int): queries that share one selection.
+        top_k (int): blocks each group selects.
         compression (str): `"mlp"` (learned, the default) or `"mean"`.
         pos_dim (int): coordinates per point.
         sigma_init (float): initial distance-bias slope of every head (negative: near first).
