@@ -82,6 +82,41 @@ def measure(attention: str, clouds: int, points: int, compiled: bool, steps: int
     }
 
 
+def profile(attention: str, clouds: int, points: int, out: Path) -> None:
+    """torch.profiler table of one eager step (after two warm-up steps): where the time goes."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = ErwinNSA(1, 3, attention=attention).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x, pos, batch, y = batch_of(clouds, points, device)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = (model(x, pos, batch) - y).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                        "cuLaunchKernelEx"))
+    summary = (f"{attention} {clouds} x {points}: {launches} kernel launches, CUDA time "
+               f"{sum(e.self_device_time_total for e in events) / 1e3:.1f} ms, CPU time "
+               f"{sum(e.self_cpu_time_total for e in events) / 1e3:.1f} ms")
+    print(summary)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"model_profile_{attention}_{clouds}x{points}.txt").write_text(summary + "\n" + table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", choices=ATTENTIONS, default=list(ATTENTIONS))
@@ -89,7 +124,14 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also torch.compile at 16x4096")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--profile", action="store_true",
+                        help="only a torch.profiler table of one eager step per model and size")
     args = parser.parse_args()
+    if args.profile:
+        for size in args.sizes:
+            for attention in args.only:
+                profile(attention, *SIZES[size], args.out)
+        return
     rows = []
     for size in args.sizes:
         clouds, points = SIZES[size]

@@ -141,3 +141,59 @@ def test_bad_arguments():
         model(x, pos, batch, tree=sparseball.build_tree(pos, batch, ball_size=8, rotations=1))
     with pytest.raises(ValueError, match="compression must be 'mlp' or 'mean'"):
         BallNSA(32, 2, compression="max")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compile_builds_the_tree_inside_without_recompiles(device):
+    """`torch.compile(model)` with the tree built inside `forward` (a deliberate graph break
+    around the builder: CuPy on CUDA, Numba on the CPU): a second batch of the same cloud sizes
+    compiles nothing new, and the outputs and gradients are those of the eager model. On the
+    CPU the graphs run through `aot_eager` (dynamo and autograd tracing, no code generation:
+    seconds instead of minutes)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = _model("nsa", depth=2).to(device)
+    compiled = torch.compile(model, backend="aot_eager" if device == "cpu" else "inductor")
+    frames = []
+    for seed in (1, 2):
+        x, pos, batch = _clouds([40, 33], seed=seed, device=device)
+        model.zero_grad()
+        out = compiled(x, pos, batch)
+        out.square().sum().backward()
+        frames.append(counters["frames"]["total"])
+    assert frames[0] == frames[1], f"recompiled on a new batch: {frames}"
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = model(x, pos, batch)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+
+@pytest.mark.gpu
+def test_training_step_never_syncs():
+    """An eager forward, backward and optimizer step of the model on a prebuilt tree (bf16
+    autocast) makes no host sync: `from_slots` gathers by `tree.point_slot`, the ops take
+    their sizes from the host-side offsets."""
+    x, pos, batch = _clouds([300, 200], device="cuda")
+    model = _model("nsa").cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+
+    def step(tree):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, pos, batch, tree=tree).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step(model.build_tree(pos, batch))  # kernels compile here
+    tree = model.build_tree(pos, batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(tree)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

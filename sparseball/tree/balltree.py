@@ -94,10 +94,20 @@ class BallTree:
                 f"y must have shape (M, ...) with M = tree.num_slots = {self.num_slots}, "
                 f"got {tuple(y.shape)}"
             )
-        mask = self.mask.to(y.device)
-        out = y.new_empty((self.num_points, *y.shape[1:]))
-        out[self.perm.to(y.device)[mask]] = y[mask]
-        return out
+        return y[self.point_slot.to(y.device)]
+
+    @property
+    def point_slot(self) -> torch.Tensor:
+        """int64 `[N]`: the real slot of each input point (the inverse of `perm` on real slots).
+
+        Formed by a max-scatter rather than boolean indexing: no host sync (a training step
+        calls `from_slots` every time) and nothing torch.compile must break its graph for."""
+        if "point_slot" not in self._cache:
+            slots = torch.arange(self.num_slots, device=self.device)
+            real_slot = torch.where(self.mask, slots, -1)
+            point_slot = torch.full((self.num_points,), -1, dtype=torch.int64, device=self.device)
+            self._cache["point_slot"] = point_slot.scatter_reduce_(0, self.perm, real_slot, "amax")
+        return self._cache["point_slot"]
 
     def centers(self, block_size: int) -> torch.Tensor:
         """`[M / block_size, dim]`: mean position of the real slots of each aligned block.
