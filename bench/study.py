@@ -25,10 +25,10 @@ import subprocess
 from pathlib import Path
 
 import torch
-
-from sparseball.models import ATTENTIONS
 from sparseball.training import Config, evaluate_run, train
 from sparseball.training.metrics import read_log
+
+from sparseball.models import ATTENTIONS
 
 TASKS = {"pure": None, "medium": 0.2, "short": 0.05}
 
