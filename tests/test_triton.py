@@ -32,8 +32,10 @@ from helpers import (
     attention_magnitudes,
     grads,
     leaves,
+    logit_magnitude,
     random_indices,
     random_tree,
+    selection_slack,
     tolerance,
 )
 from hypothesis import given, settings
@@ -251,9 +253,9 @@ def check_compressed(problem, c, one_dot=False):
         q.double(), k_cmp.double(), v_cmp.double(), tree, c,
         None if sigma is None else sigma.double(), scale)
     assert lse[0].dtype == torch.float32 and not lse[0].requires_grad
-    size = attention_magnitudes(q, k_cmp, v_cmp, torch.zeros_like(q), scale, sigma, tree.pos)
+    distance = float(torch.cdist(tree.pos.double(), tree.pos.double()).max())
     assert_matches(lse[0], lse_ref, keys, "compressed_attention lse", out_dtype=torch.float32,
-                   magnitude=size["logits"])
+                   magnitude=logit_magnitude(q, k_cmp, scale, sigma, distance))
 
 
 def check_selection(problem, s, g, top_k, seed, one_dot=False):
@@ -295,10 +297,48 @@ def check_select_blocks(problem, c, s, g, top_k, exclude):
     assert indices.dtype == torch.int32 and indices.shape == (M // g, H, top_k)
     importance = oracle.block_importance(q, k_cmp, lse, tree, c, s, g, sigma, problem.scale)
     candidate = oracle.selection_candidates(tree, s, g, exclude)
-    # The kernel sums g * s / c probabilities in float32 (exp2 of float32 logits).
-    slack = 1e-5 * (1 + importance) * math.sqrt(g * s // c)
+    distance = float(torch.cdist(tree.pos.double(), tree.centers(c).double()).max())
+    logits = logit_magnitude(q, k_cmp, problem.scale, sigma, distance)
+    slack = selection_slack(importance, g * s // c, logits, _largest_lse(lse, tree), D)
     assert_valid_selection(indices.cpu(), importance.cpu(), slack.cpu(), candidate.cpu(), top_k,
                            tree.mask.cpu(), g)
+    if torch_ops is not None:  # the check test_large_against_torch_backend makes on the GPU
+        theirs = torch_ops.select_blocks(q, k_cmp, lse, tree, c, s, g, top_k, sigma,
+                                         problem.scale, exclude)
+        check_selection_where_backends_differ(indices, theirs, q, k_cmp, lse, tree, c, s, g,
+                                              top_k, sigma, problem.scale, exclude, logits)
+
+
+def _largest_lse(lse, tree):
+    """The largest |lse| of a real query (a padding query's lse may be anything)."""
+    real = lse[tree.mask]
+    return float(real.abs().max()) if real.numel() else 0.0
+
+
+def check_selection_where_backends_differ(ours, theirs, q, k_cmp, lse, tree, c, s, g, top_k,
+                                          sigma, scale, exclude, logits, samples=4, chunk=4):
+    """`ours` (select_blocks' ids) is a valid top-k of the float64 importances, within
+    `helpers.selection_slack`, in every group where it differs from `theirs` (another
+    backend's ids for the same inputs) and in `samples` random groups besides, so the check
+    runs where both agree too. Two backends that round their float32 importances differently
+    may order near-ties at the k-th place differently, and a group without a real query sees
+    exact ties (all 0, to the lowest ids): a count of agreeing rows is no test, a wrong pick
+    among near-ties by more than the slack is. `chunk` groups at a time: the oracle holds
+    g x H x M/c float64 probabilities per group."""
+    differ = (ours != theirs).flatten(1).any(1)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randperm(differ.numel(), generator=generator)[:samples].to(differ.device)
+    differ[sample] = True
+    groups = torch.nonzero(differ).flatten()
+    candidate = oracle.selection_candidates(tree, s, g, exclude)
+    largest_lse = _largest_lse(lse, tree)
+    for part in groups.split(chunk):
+        importance = oracle.block_importance(q, k_cmp, lse, tree, c, s, g, sigma, scale,
+                                             groups=part)
+        slack = selection_slack(importance, g * s // c, logits, largest_lse, q.shape[-1])
+        mask = tree.mask.view(-1, g)[part].flatten()
+        assert_valid_selection(ours[part].cpu(), importance.cpu(), slack.cpu(),
+                               candidate[part].cpu(), top_k, mask.cpu(), g, group_ids=part.cpu())
 
 
 @dtypes
@@ -710,10 +750,12 @@ def test_large_against_torch_backend(dtype, points, clouds, head_dim, seed, no_p
     for layout, override in SELECT_LAYOUTS.items():
         with launch_override("select_blocks", **override):
             ours = triton_ops.select_blocks(q, k_cmp, lse, tree, c, s, g, top_k, sigma, scale, None)
-        agree = (ours == chosen).all(-1).float().mean().item()
-        assert agree > 0.99, (f"select_blocks ({layout}) agrees with the torch backend on "
-                              f"{agree:.4f} of rows")
-        assert ((ours[..., 1:] > ours[..., :-1]) | (ours[..., 1:] == -1)).all()
+        assert ((ours[..., 1:] > ours[..., :-1]) | (ours[..., 1:] == -1)).all(), layout
+        try:
+            check_selection_where_backends_differ(ours, chosen, q, k_cmp, lse, tree, c, s, g,
+                                                  top_k, sigma, scale, None, size["logits"])
+        except AssertionError as error:
+            raise AssertionError(f"select_blocks ({layout}): {error}") from error
 
     names = ["selection/out", "selection/q", "selection/k", "selection/v", "selection/sigma"]
     both(lambda m, *x: m.selection_attention(*x[:3], tree, chosen, s, g, x[3], scale),
