@@ -37,7 +37,9 @@ step() {  # step NAME SECONDS COMMAND...: run one part within a time limit, log 
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
-# TESTS_ARGS: more pytest arguments (no spaces inside one), e.g. --deselect=tests/x.py::test_y
+# TESTS_ARGS: more pytest arguments (no spaces inside one), e.g. --deselect=tests/x.py::test_y.
+# `-m gpu` chooses the tests, so the slow GPU ones run too (the "ci" profile deselects tests
+# marked slow only when no -m is given: tests/conftest.py).
 # shellcheck disable=SC2086
 step tests "${TESTS_LIMIT:-420}" python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} tests
 step demo "${DEMO_LIMIT:-120}" python3 -m sparseball demo
