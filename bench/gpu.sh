@@ -3,7 +3,9 @@
 # benchmarks. Uses the machine's own torch/triton/cupy/pytest (no installs, no internet).
 # Results (logs, JSON and markdown tables) go to /tmp/sparseball-results, packed into
 # $OUT/results.tar.gz
-# ($OUT defaults to ./out).
+# ($OUT defaults to ./out). Each result records the commit it measured (bench/_meta.py): from
+# git, or on a copy of the tree without .git from COMMIT, which `python3 bench/_meta.py stamp`
+# writes beforehand (carry it with the tree, as bench/base).
 #   bash bench/gpu.sh           # everything
 #   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, base, triton, tree, profile, ncu
 # Step time limits: TESTS_LIMIT, DEMO_LIMIT, TORCH_LIMIT, TUNE_LIMIT, TRITON_LIMIT, TREE_LIMIT,

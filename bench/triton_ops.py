@@ -33,18 +33,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import pathlib
+import sys
 import traceback
 
 import torch
 import triton
 import triton.testing
 
-import sparseball
-from sparseball.backends.triton import _common, ops
-from sparseball.tree import BallTree
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _meta import run_line, run_record  # noqa: E402
+
+import sparseball  # noqa: E402
+from sparseball.backends.triton import _common, ops  # noqa: E402
+from sparseball.tree import BallTree  # noqa: E402
 
 BALL = 128
 
@@ -390,6 +393,7 @@ def bench_fla(results, device, generator, dtype, head_dim):
 
 def markdown(results) -> str:
     lines = [f"# sparseball Triton backend ({results['gpu']}, {results['date']})", "",
+             run_line(results), "",
              f"torch {results['torch']}, triton {results['triton']}, H={results['heads']}, "
              f"{results['dtype']}; copy bandwidth {results['copy_bandwidth_gbs']:.0f} GB/s", ""]
 
@@ -427,14 +431,6 @@ def markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sparseball_code() -> str:
-    """Which sparseball was measured: its folder, and the commit bench/make_base.sh exported it
-    from (the working tree otherwise)."""
-    package = pathlib.Path(sparseball.__file__).resolve().parent
-    commit = package.parent / "COMMIT"
-    return f"{package} ({commit.read_text().strip() if commit.exists() else 'working tree'})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", type=int, default=8)
@@ -453,9 +449,7 @@ def main() -> None:
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     generator = torch.Generator(device=device).manual_seed(0)
     results = {
-        "gpu": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(
-            timespec="seconds"),
-        "torch": torch.__version__, "triton": triton.__version__, "sparseball": sparseball_code(),
+        **run_record(),
         "heads": args.heads,
         "dtype": args.dtype, "config_overrides": args.config, "ball_attention": [], "selection_attention": [],
         "compressed": [], "memory": [], "fla_nsa": [], "errors": [],
