@@ -166,9 +166,10 @@ def one_dot_bounds(attend, q, k, v, grad_out, out, scale, pos, key_pos):
       dq_i    scale (|sum_j shift_ij k_j| + u sum_j |dS'_ij| |k_j|)
       dk_j    scale (|sum_i shift_ij q_i| + u sum_i |dS'_ij| |q_i|)
       dsigma  |sum_ij shift_ij dist_ij|    (sigma's sum takes dS' unrounded)
-    The float32 arithmetic around them is the rule's. On test_one_dot_mode's problem these
-    stay within 2-4% of the largest value, and a correct kernel uses 33-64% of them; a
-    kernel that drops a key, swaps two heads, forms delta from another row's output or
+    The float32 arithmetic around them is the rule's. On test_one_dot_mode's problem the
+    whole bound (the rule's and these) is 1.6-3.5% of each tensor's largest value (dsigma's
+    2.6-16%, mostly the rule's float32 band), and a correct kernel's error reaches 14-64% of
+    it; a kernel that drops a key, swaps two heads, forms delta from another row's output or
     keeps its accumulator in 16 bits is off by more. A uniform 1% error (the output scaled
     by 1.01) is not: it is within the worst case of the mode's own rounding.
     """
