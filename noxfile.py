@@ -28,7 +28,8 @@ def _install(session: nox.Session, extras: str) -> None:
 
 @nox.session
 def test(session: nox.Session) -> None:
-    """The CPU test suite (Hypothesis profile from $SPARSEBALL_HYPOTHESIS, "ci" by default)."""
+    """The CPU test suite (Hypothesis profile from $SPARSEBALL_HYPOTHESIS, "ci" by default,
+    which deselects the tests marked slow; "thorough" runs them)."""
     _install(session, "test,triton")
     session.env.setdefault("SPARSEBALL_HYPOTHESIS", os.environ.get("SPARSEBALL_HYPOTHESIS", "ci"))
     session.run("python", "-m", "pytest", "-q", *session.posargs)

@@ -3,7 +3,9 @@
 # benchmarks. Uses the machine's own torch/triton/cupy/pytest (no installs, no internet).
 # Results (logs, JSON and markdown tables) go to /tmp/sparseball-results, packed into
 # $OUT/results.tar.gz
-# ($OUT defaults to ./out).
+# ($OUT defaults to ./out). Each result records the commit it measured (bench/_meta.py): from
+# git, or on a copy of the tree without .git from COMMIT, which `python3 bench/_meta.py stamp`
+# writes beforehand (carry it with the tree, as bench/base).
 #   bash bench/gpu.sh           # everything
 #   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, base, triton, tree, profile, ncu
 # Step time limits: TESTS_LIMIT, DEMO_LIMIT, TORCH_LIMIT, TUNE_LIMIT, TRITON_LIMIT, TREE_LIMIT,
@@ -37,7 +39,9 @@ step() {  # step NAME SECONDS COMMAND...: run one part within a time limit, log 
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
-# TESTS_ARGS: more pytest arguments (no spaces inside one), e.g. --deselect=tests/x.py::test_y
+# TESTS_ARGS: more pytest arguments (no spaces inside one), e.g. --deselect=tests/x.py::test_y.
+# `-m gpu` chooses the tests, so the slow GPU ones run too (the "ci" profile deselects tests
+# marked slow only when no -m is given: tests/conftest.py).
 # shellcheck disable=SC2086
 step tests "${TESTS_LIMIT:-420}" python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} tests
 step demo "${DEMO_LIMIT:-120}" python3 -m sparseball demo

@@ -25,6 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _meta import run_line, run_record  # noqa: E402
 from triton_tune import case  # noqa: E402
 
 OPS = ("ball_fwd", "ball_bwd", "select_blocks", "compressed", "selection")
@@ -54,6 +55,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernel_profile.py needs a CUDA device")
     generator = torch.Generator(device="cuda").manual_seed(0)
+    print(run_line(run_record()), flush=True)  # into ncu.log beside the report
     for name in OPS:
         if args.only and name not in args.only:
             continue

@@ -10,12 +10,12 @@ runs out of memory; speed is the Triton and CuPy backends' business.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import pathlib
 import time
 
 import torch
+from _meta import run_line, run_record
 
 import sparseball
 from sparseball import ops
@@ -89,9 +89,7 @@ def main() -> None:
     io_bytes = 2 * 4 * q.numel() * q.element_size()  # q, k, v, out and their gradients
 
     record = {
-        "gpu": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
+        **run_record(),
         "points": args.points, "slots": tree.num_slots, "heads": args.heads,
         "head_dim": args.head_dim, "dtype": args.dtype, **sizes,
         "milliseconds": results,
@@ -102,6 +100,8 @@ def main() -> None:
     (args.out / "torch_backend.json").write_text(json.dumps(record, indent=2))
     lines = [
         f"# torch backend at {args.points:,} points ({record['gpu']}, {record['date']})",
+        "",
+        run_line(record),
         "",
         f"H={args.heads}, D={args.head_dim}, {args.dtype}, ball 128, compress 64, select 64, "
         "group 64, top_k 16, sigma on.",

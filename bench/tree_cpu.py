@@ -19,7 +19,6 @@ medians. Times:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -30,6 +29,7 @@ import time
 import numba
 import numpy as np
 import torch
+from _meta import run_line, run_record
 from balltree import build_balltree
 
 import sparseball
@@ -109,12 +109,12 @@ def main() -> None:
         print(label, {name: round(ms, 2) for name, ms in times.items()})
 
     record = {
+        **run_record(),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "numba_threads": numba.get_num_threads(),
                     "numba_threading_layer": numba.threading_layer(),
                     "torch_threads": torch.get_num_threads(),
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
-        "date": datetime.datetime.now().isoformat(timespec="minutes"),
         "versions": {"numba": numba.__version__, "numpy": np.__version__,
                      "torch": torch.__version__, "python": platform.python_version()},
         "ball_size": BALL_SIZE, "dim": 3, "dtype": "float32", "repeats": args.repeats,
@@ -125,6 +125,8 @@ def main() -> None:
     machine = record["machine"]
     lines = [
         f"# CPU ball tree build ({record['date']})",
+        "",
+        run_line(record),
         "",
         f"{machine['cpu']}, {machine['cores']} cores, Numba {numba.__version__} "
         f"({machine['numba_threads']} threads, {machine['numba_threading_layer']}), "

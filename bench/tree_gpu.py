@@ -15,13 +15,13 @@ and Numba trees are identical.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
 import time
 
 import torch
+from _meta import run_line, run_record
 
 import sparseball
 from sparseball.tree import cupy_builder, cupy_graphs
@@ -158,9 +158,8 @@ def main() -> None:
     import numba
 
     record = {
-        "gpu": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__, "cupy": cupy.__version__, "numba": numba.__version__,
+        **run_record(),
+        "cupy": cupy.__version__, "numba": numba.__version__,
         "numba_threads": numba.get_num_threads(), "cpu_count": os.cpu_count(),
         "ball_size": BALL_SIZE, "dim": 3, "dtype": "float32",
         "erwin": "balltree-erwin" if erwin is not None else f"not importable ({erwin_missing})",
@@ -185,6 +184,8 @@ def main() -> None:
 
     lines = [
         f"# Tree builders ({record['gpu']}, {record['date']})",
+        "",
+        run_line(record),
         "",
         f"Ball size {BALL_SIZE}, 3-D float32 points uniform in the unit cube. CuPy: CUDA-event time "
         "of warm `build_tree(..., backend=\"cupy\")` on CUDA tensors (median; builds of up to "

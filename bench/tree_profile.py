@@ -17,6 +17,7 @@ import pstats
 import time
 
 import torch
+from _meta import run_line, run_record
 from torch.profiler import ProfilerActivity, profile
 from tree_gpu import cuda_ms, inputs
 
@@ -48,6 +49,7 @@ def main() -> None:
         report.write(text + "\n")
 
     say(f"# CuPy tree build profile ({torch.cuda.get_device_name()})")
+    say("\n" + run_line(run_record()))
     for clouds, points in CASES:
         pos, batch = inputs(clouds, points)
         batch = batch if clouds > 1 else None

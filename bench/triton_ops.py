@@ -7,8 +7,10 @@ H=8, D=64, bfloat16 unless told otherwise; times are medians of `triton.testing.
   kernels load and apply the mask (the clouds above fill their slots: no mask).
   Forward and forward+backward against the memory floor (the bytes of the tensors
   the op must touch once, over a measured device-to-device copy bandwidth) and against
-  "Erwin's way": torch SDPA on the balls reshaped (M/128, H, 128, D) with the distance bias
-  as a dense float attn_mask.
+  Erwin's attention (`erwin_ball_attention`): torch SDPA on balls (slots/128, H, 128, D) with
+  the distance bias as a dense float attn_mask, on Erwin's own slots: each cloud padded to
+  the next power of two with duplicated points, which stay keys (the 1,000,000-point cloud
+  takes 1,048,576 slots there, 1,000,064 here).
 - selection_attention (top_k 16, select 64, group 64, 1M points): TFLOP/s =
   4 M top_k select H D / time, the backward counted as 2.5x the forward; for random blocks
   (no reuse between groups) and for blocks near each group (the locality of a real
@@ -33,18 +35,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import pathlib
+import sys
 import traceback
 
 import torch
 import triton
 import triton.testing
 
-import sparseball
-from sparseball.backends.triton import _common, ops
-from sparseball.tree import BallTree
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _meta import run_line, run_record  # noqa: E402
+
+import sparseball  # noqa: E402
+from sparseball.backends.triton import _common, ops  # noqa: E402
+from sparseball.tree import BallTree  # noqa: E402
 
 BALL = 128
 
@@ -111,8 +116,43 @@ def inputs(tree, heads, head_dim, dtype, generator, grad=False):
     return q, k, v, sigma
 
 
-def erwin_ball_attention(q, k, v, pos, sigma, mask):
-    """Erwin's way: SDPA on (M/128, H, 128, D) balls with a dense float bias mask."""
+def erwin_slots(pos: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, str]:
+    """Erwin's slots for clouds of `sizes` points at `pos` (input order, clouds consecutive):
+    the point each slot holds, and where that layout came from.
+
+    Erwin (models/erwin.py of github.com/maxxxzdn/erwin) gathers its inputs by the `tree_idx`
+    of balltree-erwin's `build_balltree`: each cloud of n points takes 2^ceil(log2 n) slots,
+    every leaf of two slots holding two points or one point twice (so 2^ceil(log2 n) - n
+    duplicates), and its attention masks none of them. That tree where balltree-erwin is
+    importable; else the same count per cloud in input order, the duplicated points at the
+    cloud's end: the same shapes, hence the same work for the attention."""
+    for n in sizes:
+        assert (1 << (n - 1).bit_length()) % BALL == 0, "a cloud smaller than a ball"
+    try:
+        from balltree import build_balltree
+    except Exception as error:  # an optional peer (bench/fetch_peers.sh)
+        how = f"emulated (balltree-erwin not importable: {type(error).__name__})"
+    else:
+        batch = torch.repeat_interleave(torch.arange(len(sizes), device=pos.device),
+                                        torch.tensor(sizes, device=pos.device))
+        tree_idx, _ = build_balltree(pos, batch)
+        return tree_idx.to(pos.device), "balltree-erwin"
+    parts, start = [], 0
+    for n in sizes:
+        slots = 1 << (n - 1).bit_length()
+        pairs = n - slots // 2  # leaves of two points; the slots // 2 - pairs others hold one
+        parts += [torch.arange(start, start + 2 * pairs),
+                  torch.arange(start + 2 * pairs, start + n).repeat_interleave(2)]
+        start += n
+    return torch.cat(parts).to(pos.device), how
+
+
+def erwin_ball_attention(q, k, v, pos, sigma):
+    """Erwin's BallMSA attention (models/erwin.py): SDPA on (slots/128, H, 128, D) balls with
+    `sigma * cdist` of the ball's positions as a dense float attn_mask, formed on every call
+    as Erwin's forward does (the product in float32, as Erwin's float32 parameter makes it;
+    cast to the inputs' dtype at SDPA, as autocast would). No slot is masked: Erwin's padding
+    duplicates points, and they attend and are attended to. No host sync."""
     M, H, D = q.shape
     balls = M // BALL
 
@@ -120,12 +160,20 @@ def erwin_ball_attention(q, k, v, pos, sigma, mask):
         return x.view(balls, BALL, H, D).transpose(1, 2)
 
     p = pos.view(balls, BALL, -1)
-    bias = sigma.view(1, H, 1, 1) * torch.cdist(p, p).unsqueeze(1).to(q.dtype)
-    if not bool(mask.all()):
-        bias = bias.masked_fill(~mask.view(balls, 1, 1, BALL), float("-inf"))
+    bias = sigma.float().view(1, H, 1, 1) * torch.cdist(p, p).unsqueeze(1)
     out = torch.nn.functional.scaled_dot_product_attention(to_balls(q), to_balls(k), to_balls(v),
-                                                           attn_mask=bias)
+                                                           attn_mask=bias.to(q.dtype))
     return out.transpose(1, 2).reshape(M, H, D)
+
+
+def erwin_inputs(tree: BallTree, sizes: list[int], tensors):
+    """q, k, v (slot tensors of `tree`) and the positions on Erwin's slots (`erwin_slots`),
+    gathered point by point as Erwin's forward gathers `x[tree_idx]`; q, k, v as new leaves.
+    Returns them, the slot count and the layout's origin."""
+    pos = tree.from_slots(tree.pos)
+    index, how = erwin_slots(pos, sizes)
+    gathered = [tree.from_slots(t.detach())[index].requires_grad_() for t in tensors]
+    return (*gathered, pos[index], index.numel(), how)
 
 
 def bench_ball(results, bandwidth, device, generator, dtype, heads):
@@ -153,11 +201,20 @@ def ball_case(name, sizes, head_dim, bandwidth, device, generator, dtype, heads)
     def fwd():
         return ops.ball_attention(q, k, v, tree, BALL, sigma, head_dim**-0.5)
 
+    q_e, k_e, v_e, pos_e, erwin_slot_count, erwin_layout = erwin_inputs(tree, sizes, (q, k, v))
+    grad_e = torch.randn_like(q_e)
+    duplicates = erwin_slot_count - tree.num_points
+    row["erwin"] = (f"{erwin_slot_count:,} slots ({duplicates:,} duplicates), no mask; "
+                    f"layout {erwin_layout}")
+
     def erwin():
-        return erwin_ball_attention(q, k, v, tree.pos, sigma, tree.mask)
+        return erwin_ball_attention(q_e, k_e, v_e, pos_e, sigma)
 
     def fwd_bwd(run=fwd):
         torch.autograd.grad(run(), (q, k, v, sigma), grad_out)
+
+    def erwin_fwd_bwd():
+        torch.autograd.grad(erwin(), (q_e, k_e, v_e, sigma), grad_e)
 
     with torch.no_grad():
         row["fwd_ms"] = ms(fwd)
@@ -173,11 +230,11 @@ def ball_case(name, sizes, head_dim, bandwidth, device, generator, dtype, heads)
     try:
         with torch.no_grad():
             row["erwin_fwd_ms"] = ms(erwin)
-        row["erwin_fwd_bwd_ms"] = ms(lambda: fwd_bwd(erwin))
+        row["erwin_fwd_bwd_ms"] = ms(erwin_fwd_bwd)
         row["speedup_fwd_vs_erwin"] = row["erwin_fwd_ms"] / row["fwd_ms"]
         row["speedup_fwd_bwd_vs_erwin"] = row["erwin_fwd_bwd_ms"] / row["fwd_bwd_ms"]
     except torch.OutOfMemoryError:
-        row["erwin"] = "out of memory"
+        row["erwin"] += "; out of memory"
     return row
 
 
@@ -390,6 +447,7 @@ def bench_fla(results, device, generator, dtype, head_dim):
 
 def markdown(results) -> str:
     lines = [f"# sparseball Triton backend ({results['gpu']}, {results['date']})", "",
+             run_line(results), "",
              f"torch {results['torch']}, triton {results['triton']}, H={results['heads']}, "
              f"{results['dtype']}; copy bandwidth {results['copy_bandwidth_gbs']:.0f} GB/s", ""]
 
@@ -409,7 +467,8 @@ def markdown(results) -> str:
     table("ball_attention (ball 128, sigma)", results["ball_attention"],
           ["clouds", "head_dim", "fwd_ms", "fwd_bwd_ms", "fwd_ms_one_dot", "fwd_bwd_ms_one_dot",
            "floor_fwd_ms", "floor_fwd_bwd_ms", "fwd_of_floor", "fwd_bwd_of_floor",
-           "erwin_fwd_ms", "erwin_fwd_bwd_ms", "speedup_fwd_vs_erwin", "speedup_fwd_bwd_vs_erwin"])
+           "erwin_fwd_ms", "erwin_fwd_bwd_ms", "speedup_fwd_vs_erwin", "speedup_fwd_bwd_vs_erwin",
+           "erwin"])
     table("selection_attention (one cloud, top_k 16, select 64, group 64)",
           results["selection_attention"],
           ["points", "selection", "mode", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops",
@@ -425,14 +484,6 @@ def markdown(results) -> str:
     if results["errors"]:
         lines.extend(["## errors", ""] + [f"- {e}" for e in results["errors"]])
     return "\n".join(lines) + "\n"
-
-
-def sparseball_code() -> str:
-    """Which sparseball was measured: its folder, and the commit bench/make_base.sh exported it
-    from (the working tree otherwise)."""
-    package = pathlib.Path(sparseball.__file__).resolve().parent
-    commit = package.parent / "COMMIT"
-    return f"{package} ({commit.read_text().strip() if commit.exists() else 'working tree'})"
 
 
 def main() -> None:
@@ -453,9 +504,7 @@ def main() -> None:
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     generator = torch.Generator(device=device).manual_seed(0)
     results = {
-        "gpu": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(
-            timespec="seconds"),
-        "torch": torch.__version__, "triton": triton.__version__, "sparseball": sparseball_code(),
+        **run_record(),
         "heads": args.heads,
         "dtype": args.dtype, "config_overrides": args.config, "ball_attention": [], "selection_attention": [],
         "compressed": [], "memory": [], "fla_nsa": [], "errors": [],

@@ -13,15 +13,14 @@ numbers that chose them.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import pathlib
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _meta import run_record  # noqa: E402
 from triton_ops import inputs, make_tree, ms, random_selection  # noqa: E402
 
 from sparseball.backends.triton import _common, ops  # noqa: E402
@@ -164,9 +163,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/triton_tune.py needs a CUDA device")
     generator = torch.Generator(device="cuda").manual_seed(0)
-    record = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "torch": torch.__version__, "triton": triton.__version__, "points": args.points,
-              "sweeps": {}}
+    record = {**run_record(), "points": args.points, "sweeps": {}}
     args.out.mkdir(parents=True, exist_ok=True)
     for name in CANDIDATES:
         if args.only and name not in args.only:

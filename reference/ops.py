@@ -54,10 +54,12 @@ def ball_key_mask(tree, ball_size: int) -> torch.Tensor:
     return same_ball & tree.mask[None, :]
 
 
-def compressed_key_mask(tree, compress_size: int) -> torch.Tensor:
-    """bool `(M, M/c)`: query slot i may use compressed block u (same cloud, u has a real slot)."""
+def compressed_key_mask(tree, compress_size: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """bool `(M, M/c)`: query slot i may use compressed block u (same cloud, u has a real slot);
+    only the query slots `rows` (int64) when given."""
+    query_cloud = tree.slot_cloud if rows is None else tree.slot_cloud[rows]
     block_cloud = tree.slot_cloud[::compress_size]
-    same_cloud = tree.slot_cloud[:, None] == block_cloud[None, :]
+    same_cloud = query_cloud[:, None] == block_cloud[None, :]
     return same_cloud & _block_has_real_slot(tree, compress_size)[None, :]
 
 
@@ -146,21 +148,21 @@ def selection_attention(q, k, v, tree, indices, select_size, group_size, sigma, 
 
 @torch.no_grad()
 def block_importance(q, k_cmp, lse, tree, compress_size, select_size, group_size, sigma,
-                     scale) -> torch.Tensor:
+                     scale, groups: torch.Tensor | None = None) -> torch.Tensor:
     """float64 `(M/group_size, H, M/select_size)`: importance of each selection block for each
     group, `sum over real queries i of the group, over compressed blocks u inside the block
-    with a real slot (and in i's cloud), of exp(logit(i, u) - lse[i])`."""
+    with a real slot (and in i's cloud), of exp(logit(i, u) - lse[i])`. Only for the group ids
+    `groups` (int64), in their order, when given: a large tree a few groups at a time."""
     c, s, g = compress_size, select_size, group_size
-    logits = _logits(q, k_cmp, tree.pos, tree.centers(c), sigma, scale)
-    allowed = compressed_key_mask(tree, c)[:, None, :] & tree.mask[:, None, None]
-    prob = torch.where(allowed, torch.exp(logits - _f64(lse)[:, :, None]), 0)
-    slot = _slots(tree)
-    groups = torch.arange(tree.num_slots // g, device=tree.device)
-    in_group = _f64(slot[None, :] // g == groups[:, None])                       # (G, M)
-    compressed = torch.arange(tree.num_slots // c, device=tree.device)
-    blocks = torch.arange(tree.num_slots // s, device=tree.device)
-    in_block = _f64(compressed[None, :] * c // s == blocks[:, None])             # (Nb, M/c)
-    return torch.einsum("gi,ihu,wu->ghw", in_group, prob, in_block)
+    if groups is None:
+        groups = torch.arange(tree.num_slots // g, device=tree.device)
+    rows = (groups[:, None] * g + torch.arange(g, device=tree.device)).flatten()
+    logits = _logits(q[rows], k_cmp, tree.pos[rows], tree.centers(c), sigma, scale)
+    allowed = compressed_key_mask(tree, c, rows)[:, None, :] & tree.mask[rows, None, None]
+    prob = torch.where(allowed, torch.exp(logits - _f64(lse[rows])[:, :, None]), 0)
+    # A group is g consecutive slots and a selection block s/c consecutive compressed blocks.
+    heads = prob.shape[1]
+    return prob.view(len(groups), g, heads, tree.num_slots // s, s // c).sum((1, 4))
 
 
 def selection_candidates(tree, select_size, group_size, exclude_ball_size) -> torch.Tensor:

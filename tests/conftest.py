@@ -1,7 +1,9 @@
-"""Shared test setup: Hypothesis profiles and GPU skipping.
+"""Shared test setup: Hypothesis profiles, slow tests and GPU skipping.
 
 SPARSEBALL_HYPOTHESIS picks the profile: "ci" (bounded, the default) or "thorough".
-Tests marked `gpu` run only where CUDA is available (on the device machine: bench/gpu.sh).
+Tests marked `slow` are deselected in the "ci" profile unless a `-m` expression chooses the
+tests (`-m slow` runs them; bench/gpu.sh's `-m gpu` runs the slow GPU ones); "thorough" keeps
+them. Tests marked `gpu` run only where CUDA is available (on the device machine: bench/gpu.sh).
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ settings.register_profile(
     "thorough", max_examples=300, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.load_profile(os.environ.get("SPARSEBALL_HYPOTHESIS", "ci"))
+PROFILE = os.environ.get("SPARSEBALL_HYPOTHESIS", "ci")
+settings.load_profile(PROFILE)
 
 
 def pytest_collection_modifyitems(config, items):
+    if PROFILE == "ci" and not config.getoption("markexpr"):
+        slow = [item for item in items if "slow" in item.keywords]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if "slow" not in item.keywords]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (run bench/gpu.sh on a GPU machine)")

@@ -351,11 +351,11 @@ def test_slots_round_trip():
     assert slots.shape == (tree.num_slots, 3, 2)
     torch.testing.assert_close(slots, x[tree.perm], rtol=0, atol=0)
     torch.testing.assert_close(tree.from_slots(slots), x, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="x"):
+    with pytest.raises(ValueError, match=r"^x must have shape \(N, \.\.\.\) with N = tree.num_points"):
         tree.to_slots(x[1:])
-    with pytest.raises(ValueError, match="y"):
+    with pytest.raises(ValueError, match=r"^y must have shape \(M, \.\.\.\) with M = tree.num_slots"):
         tree.from_slots(slots[1:])
-    with pytest.raises(TypeError, match="x"):
+    with pytest.raises(TypeError, match="^x must be a torch.Tensor, got ndarray"):
         tree.to_slots(x.numpy())
 
 
@@ -372,9 +372,9 @@ def test_centers():
             want = slot_pos[here][real[here]].mean(0) if real[here].any() else slot_pos[here].mean(0)
             np.testing.assert_allclose(got[j], want, rtol=1e-12)
     assert not real[:2].any()  # the all-padding block is there
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(ValueError, match="^block_size must be <= tree.ball_size = 8, got 16"):
         tree.centers(16)
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(ValueError, match="^block_size must be a power of two, got 3"):
         tree.centers(3)
 
 
@@ -382,13 +382,13 @@ def test_rotated_errors():
     pos, batch = _points([20], 2, "random", np.float32, 0.0, seed=2)
     tree = _build(pos, batch, 4, rotations=2)
     assert tree.rotations == 2
-    with pytest.raises(ValueError, match="r"):
+    with pytest.raises(ValueError, match=r"^r must be in \[0, tree.rotations\) = \[0, 2\), got 2"):
         tree.rotated(2)
-    with pytest.raises(ValueError, match="r"):
+    with pytest.raises(ValueError, match=r"^r must be in \[0, tree.rotations\) = \[0, 2\), got -1"):
         tree.rotated(-1)
-    with pytest.raises(TypeError, match="r"):
+    with pytest.raises(TypeError, match="^r must be an int, got float"):
         tree.rotated(1.0)
-    with pytest.raises(ValueError, match="r"):
+    with pytest.raises(ValueError, match=r"^r must be in \[0, tree.rotations\) = \[0, 0\), got 0"):
         _build(pos, batch, 4).rotated(0)
 
 
@@ -455,34 +455,43 @@ def _error_cases():
     nan[3, 1] = math.nan
     inf = pos.clone()
     inf[0, 0] = math.inf
+    # Each pattern names the argument and what its check expects (from the message's start).
     return [
-        (TypeError, "pos", (pos.numpy(),), {}),
-        (ValueError, "pos", (pos[0],), {}),
-        (ValueError, "pos", (pos[None],), {}),
-        (TypeError, "pos", (pos.half(),), {}),
-        (TypeError, "pos", (pos.long(),), {}),
-        (ValueError, "pos", (nan,), {}),
-        (ValueError, "pos", (inf,), {}),
-        (ValueError, "pos", (pos[:0],), {}),
-        (ValueError, "pos", (pos[:, :0],), {}),
-        (ValueError, "batch", (pos, batch[1:]), {}),
-        (ValueError, "batch", (pos, batch[:, None]), {}),
-        (TypeError, "batch", (pos, batch.float()), {}),
-        (TypeError, "batch", (pos, batch.numpy()), {}),
-        (ValueError, "batch", (pos, batch - 1), {}),
-        (ValueError, "batch", (pos, batch.to("meta")), {}),
-        (ValueError, "ball_size", (pos,), {"ball_size": 3}),
-        (ValueError, "ball_size", (pos,), {"ball_size": 1}),
-        (ValueError, "ball_size", (pos,), {"ball_size": 0}),
-        (TypeError, "ball_size", (pos,), {"ball_size": 8.0}),
-        (ValueError, "rotations", (pos,), {"rotations": -1}),
-        (TypeError, "rotations", (pos,), {"rotations": 1.0}),
-        (ValueError, "backend", (pos,), {"backend": "torch"}),
-        (ValueError, "backend", (pos,), {"backend": "cupy"}),
+        (TypeError, r"pos must be a torch.Tensor of shape \(N, dim\), got ndarray",
+         (pos.numpy(),), {}),
+        (ValueError, r"pos must have shape \(N, dim\), got \(3,\)", (pos[0],), {}),
+        (ValueError, r"pos must have shape \(N, dim\), got \(1, 10, 3\)", (pos[None],), {}),
+        (TypeError, "pos must be float32 or float64, got torch.float16", (pos.half(),), {}),
+        (TypeError, "pos must be float32 or float64, got torch.int64", (pos.long(),), {}),
+        (ValueError, "pos must be finite, got NaN or inf at point 3", (nan,), {}),
+        (ValueError, "pos must be finite, got NaN or inf at point 0", (inf,), {}),
+        (ValueError, "pos must hold at least one point", (pos[:0],), {}),
+        (ValueError, "pos must have dim >= 1 coordinates", (pos[:, :0],), {}),
+        (ValueError, r"batch must have shape \(N,\) = \(10,\) to match pos, got \(9,\)",
+         (pos, batch[1:]), {}),
+        (ValueError, r"batch must have shape \(N,\) = \(10,\) to match pos, got \(10, 1\)",
+         (pos, batch[:, None]), {}),
+        (TypeError, r"batch must be int64 \(or int32\) cloud ids, got torch.float32",
+         (pos, batch.float()), {}),
+        (TypeError, r"batch must be a torch.Tensor of shape \(N,\) or None, got ndarray",
+         (pos, batch.numpy()), {}),
+        (ValueError, "batch must hold cloud ids >= 0, got -1", (pos, batch - 1), {}),
+        (ValueError, r"batch must be on the device of pos \(cpu\), got meta",
+         (pos, batch.to("meta")), {}),
+        (ValueError, "ball_size must be a power of two, got 3", (pos,), {"ball_size": 3}),
+        (ValueError, "ball_size must be a power of two >= 2, got 1", (pos,), {"ball_size": 1}),
+        (ValueError, "ball_size must be a power of two, got 0", (pos,), {"ball_size": 0}),
+        (TypeError, "ball_size must be an int, got float", (pos,), {"ball_size": 8.0}),
+        (ValueError, "rotations must be >= 0, got -1", (pos,), {"rotations": -1}),
+        (TypeError, "rotations must be an int, got float", (pos,), {"rotations": 1.0}),
+        (ValueError, r"backend must be one of \('auto', 'numba', 'cupy'\), got 'torch'", (pos,),
+         {"backend": "torch"}),
+        (ValueError, "backend='cupy' builds on a CUDA device: pos must be a CUDA tensor, got cpu",
+         (pos,), {"backend": "cupy"}),
     ]
 
 
-@pytest.mark.parametrize(("error", "name", "args", "kwargs"), _error_cases())
-def test_bad_arguments(error, name, args, kwargs):
-    with pytest.raises(error, match=name):
+@pytest.mark.parametrize(("error", "message", "args", "kwargs"), _error_cases())
+def test_bad_arguments(error, message, args, kwargs):
+    with pytest.raises(error, match=f"^{message}"):
         sparseball.build_tree(*args, **kwargs)
