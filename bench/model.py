@@ -14,26 +14,17 @@ Writes model_<gpu>.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from _meta import run_line, run_record
 
 from sparseball.models import ATTENTIONS, ErwinNSA
 
 SIZES = {"16x4096": (16, 4096), "1x65536": (1, 65536), "1x1048576": (1, 1 << 20)}
 
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, check=True, cwd=Path(__file__).parent)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def batch_of(clouds: int, points: int, device) -> tuple[torch.Tensor, ...]:
@@ -147,13 +138,12 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    gpu = torch.cuda.get_device_name()
-    meta = {"gpu": gpu, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "commit": commit(), "torch": torch.__version__}
+    meta = run_record()
+    gpu = meta["gpu"]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "model_" + gpu.split()[-1].lower()
     (args.out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    lines = [f"# ErwinNSA training step ({gpu}, {meta['date']}, commit {meta['commit']})", "",
+    lines = ["# ErwinNSA training step", "", run_line(meta), "",
              "bf16 autocast, AdamW, tree built in forward; median of the steps.", "",
              "| model | clouds x points | compiled | params | step ms | peak GiB |",
              "|---|---|---|---|---|---|"]

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import subprocess
 from pathlib import Path
 
-import torch
+from _meta import run_line, run_record
 from sparseball.training import Config, evaluate_run, train
 from sparseball.training.metrics import read_log
 
@@ -32,14 +30,6 @@ from sparseball.models import ATTENTIONS
 
 TASKS = {"pure": None, "medium": 0.2, "short": 0.05}
 
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, check=True, cwd=Path(__file__).parent)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run_one(base: Config, model: str, task: str, out: Path, test_batches: int) -> dict:
@@ -111,15 +101,14 @@ def main() -> None:
             row = run_one(base, model, task, runs, args.test_batches)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    meta = {"gpu": device, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "commit": commit(), "config": {k: v for k, v in dataclasses.asdict(base).items()
-                                           if k not in ("model", "screening", "out")}}
+    meta = {**run_record(), "config": {k: v for k, v in dataclasses.asdict(base).items()
+                                       if k not in ("model", "screening", "out")}}
+    device = meta["gpu"] or "cpu"
     stem = f"study_{device.split()[-1].lower()}_{args.clouds}x{args.points}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    title = (f"{device}, {meta['date']}, commit {meta['commit']}: {args.clouds} x {args.points} "
-             f"points, {args.steps} steps, seed {args.seed}")
+    title = (f"{run_line(meta)}: {args.clouds} x {args.points} points, {args.steps} steps, "
+             f"seed {args.seed}")
     plot(rows, args.out / f"{stem}.png", title)
     lines = [f"# Gravity study ({title})", "",
              "| task | model | params | test rel. L2 | step ms | peak MB |", "|---|---|---|---|---|---|"]
