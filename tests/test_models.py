@@ -197,3 +197,16 @@ def test_training_step_never_syncs():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_import_stays_light():
+    """Importing the model, layers and tasks imports neither dynamo nor triton: the Triton
+    tests must import the kernels first, under TRITON_INTERPRET=1, and a CPU user pays for
+    neither."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sparseball.models, sparseball.nn, sparseball.tasks; "
+            "print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

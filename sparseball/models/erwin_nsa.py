@@ -177,9 +177,13 @@ class ErwinNSA(nn.Module):
                                  "that rotates")
 
 
-@torch.compiler.disable
 def _build_tree(pos, batch, ball_size, rotations):
-    # A deliberate graph break under torch.compile: the builder runs CuPy and Numba code that
-    # dynamo cannot trace. Its outputs are plain tensors and host ints, so the graphs on either
-    # side are the same for every batch of the same sizes (no recompiles).
+    if torch.compiler.is_compiling():
+        # A deliberate graph break under torch.compile: the builder runs CuPy and Numba code
+        # that dynamo cannot trace. Its outputs are plain tensors and host ints, so the graphs
+        # on either side are the same for every batch of the same sizes (no recompiles).
+        # Wrapped here, not by a decorator: `torch.compiler.disable` imports dynamo (and
+        # triton), which `import sparseball.models` should not.
+        return torch.compiler.disable(sparseball.build_tree)(pos, batch, ball_size=ball_size,
+                                                             rotations=rotations)
     return sparseball.build_tree(pos, batch, ball_size=ball_size, rotations=rotations)
