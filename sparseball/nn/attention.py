@@ -106,7 +106,8 @@ class BallNSA(_PointAttention):
         self._check(x, tree)
         q, k, v = self._qkv(x, tree)
         gates = torch.sigmoid(self.gate(x).float()).view(-1, self.heads, 3)
-        k_cmp, v_cmp = self._compress(k, tree), self._compress(v, tree)
+        # Keys and values as one tensor of 2H heads: one compress launch and one matmul.
+        k_cmp, v_cmp = self._compress(torch.cat([k, v], dim=1), tree).chunk(2, dim=1)
         out = sparseball.attention(
             q, k, v, tree, gates=gates, sigma=self.sigma, ball_size=self.ball_size,
             compress_size=self.compress_size, select_size=self.select_size,
@@ -115,7 +116,7 @@ class BallNSA(_PointAttention):
         return self.proj(out.reshape(x.shape[0], self.dim))
 
     def _compress(self, x: torch.Tensor, tree) -> torch.Tensor:
-        """Block summaries `[M / c, H, D]` of keys or values `x` `[M, H, D]`."""
+        """Block summaries `[M / c, heads, D]` of keys or values `x` `[M, heads, D]`."""
         c = self.compress_size
         mean = sparseball.ops.compress(x, tree, c, backend=self.backend)
         if self.compressor is None:
@@ -125,7 +126,7 @@ class BallNSA(_PointAttention):
         real = tree.mask.view(-1, 1, 1)
         # `where`: padding slots never act, whatever they hold.
         members = torch.where(real, x + offset[:, None, :].to(x.dtype), 0)
-        blocks = members.view(-1, c, self.heads, self.head_dim).transpose(1, 2)
+        blocks = members.view(-1, c, x.shape[1], self.head_dim).transpose(1, 2)
         learned = self.compressor(blocks.reshape(*blocks.shape[:2], -1))
         return mean + learned.to(mean.dtype)
 
