@@ -7,7 +7,8 @@
 # git, or on a copy of the tree without .git from COMMIT, which `python3 bench/_meta.py stamp`
 # writes beforehand (carry it with the tree, as bench/base).
 #   bash bench/gpu.sh           # everything
-#   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, base, triton, tree, profile, ncu
+#   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, base, triton, model, study,
+#                               # tree, profile, ncu
 # Step time limits: TESTS_LIMIT, DEMO_LIMIT, TORCH_LIMIT, TUNE_LIMIT, TRITON_LIMIT, TREE_LIMIT,
 # PROFILE_LIMIT (seconds).
 # On an H100 (2026-11-23): tests ~270 s, triton ~200 s (TRITON_ARGS="--only compressed": ~45 s),
@@ -62,6 +63,13 @@ fi
   "${TRITON_LIMIT:-300}" python3 bench/triton_ops.py --out "$RESULTS/base" ${TRITON_ARGS:-}
 # shellcheck disable=SC2086
 [[ -f bench/triton_ops.py ]] && step triton "${TRITON_LIMIT:-300}" python3 bench/triton_ops.py --out "$RESULTS" ${TRITON_ARGS:-}
+# The model: one training step of ErwinNSA and its baselines (MODEL_ARGS: bench/model.py's
+# arguments, e.g. "--compile" or "--profile --only nsa --sizes 16x4096"), and the gravity
+# study (STUDY_ARGS: bench/study.py's; run directories with checkpoints stay in /tmp).
+# shellcheck disable=SC2086
+step model "${MODEL_LIMIT:-240}" python3 bench/model.py --out "$RESULTS" ${MODEL_ARGS:-}
+# shellcheck disable=SC2086
+step study "${STUDY_LIMIT:-420}" python3 bench/study.py --out "$RESULTS" --runs /tmp/study-runs ${STUDY_ARGS:-}
 [[ -f bench/tree_gpu.py ]] && step tree "${TREE_LIMIT:-150}" python3 bench/tree_gpu.py --out "$RESULTS"
 step profile "${PROFILE_LIMIT:-120}" python3 bench/tree_profile.py --out "$RESULTS"
 # Nsight Compute counters of the Triton forwards (not part of the default run; NCU_ARGS: the

@@ -88,13 +88,15 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="where the run directories go (default: OUT/study-runs)")
     args = parser.parse_args()
     base = Config(task="gravity", clouds=args.clouds, points=args.points, steps=args.steps,
                   seed=args.seed, device=args.device, precision=args.precision,
                   dim=128, depth=4, heads=8, ball_size=128, compress_size=32, select_size=64,
                   group_size=64, top_k=8, lr=1e-3, eval_every=max(1, args.steps // 10),
                   save_every=0)
-    runs = args.out / "study-runs"
+    runs = args.runs or args.out / "study-runs"
     rows = []
     for task in args.tasks:
         for model in args.models:
