@@ -169,5 +169,5 @@ def train_side_by_side(seed: int = 0) -> None:
     for model, parameters, before, after, seconds in rows:
         print(f"{model:<6} {parameters:>10,}  {before:>{len(header) - 10}.3f}  {after:>8.3f}  "
               f"{seconds:>4.0f} s")
-    print("rel. L2: |prediction - acceleration| / |acceleration| over the validation points "
+    print("rel. L2: |prediction - acceleration| / |acceleration| over the validation points\n"
           "(predicting zero scores 1). `python -m sparseball train` runs the full default.")
