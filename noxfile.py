@@ -37,7 +37,8 @@ def test(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job: build trees and run every available backend on a synthetic batch."""
+    """The main job: build trees, run every available backend on a synthetic batch, then train
+    ErwinNSA beside its ball-only baseline for a minute."""
     _install(session, "")
     session.run("python", "-m", "sparseball", "demo", *session.posargs)
 

@@ -23,10 +23,10 @@ import json
 from pathlib import Path
 
 from _meta import run_line, run_record
-from sparseball.training import Config, evaluate_run, train
-from sparseball.training.metrics import read_log
 
 from sparseball.models import ATTENTIONS
+from sparseball.training import Config, evaluate_run, train
+from sparseball.training.metrics import read_log
 
 TASKS = {"pure": None, "medium": 0.2, "short": 0.05}
 
