@@ -97,14 +97,17 @@ def main() -> None:
                   group_size=64, top_k=8, lr=1e-3, eval_every=max(1, args.steps // 10),
                   save_every=0)
     runs = args.runs or args.out / "study-runs"
+    meta = {**run_record(), "config": {k: v for k, v in dataclasses.asdict(base).items()
+                                       if k not in ("model", "screening", "out")}}
     rows = []
     for task in args.tasks:
         for model in args.models:
-            row = run_one(base, model, task, runs, args.test_batches)
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-    meta = {**run_record(), "config": {k: v for k, v in dataclasses.asdict(base).items()
-                                       if k not in ("model", "screening", "out")}}
+            rows.append(run_one(base, model, task, runs, args.test_batches))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
+            write(rows, meta, args)  # after every run: a cut-off study keeps what it finished
+
+
+def write(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:
     device = meta["gpu"] or "cpu"
     stem = f"study_{device.split()[-1].lower()}_{args.clouds}x{args.points}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +122,7 @@ def main() -> None:
         lines.append(f"| {r['task']} | {r['model']} | {r['parameters']:,} | "
                      f"{r['test_rel_l2']:.4f} | {step} | {r['peak_memory_mb'] or 0:.0f} |")
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
