@@ -3,7 +3,8 @@ files (merged into each script's record) and `run_line()` for the markdown ones.
 
 The code measured is the sparseball package the process imported: the git commit it comes
 from and whether the tree differed from that commit ("dirty", with the changed paths). That
-comes from git where the package sits at the top of a git work tree; else from a COMMIT file
+comes from a COMMIT stamp whose code digest matches (see below), else from git where the
+package sits at the top of a git work tree, else from a COMMIT file
 beside the package: bench/make_base.sh writes one for bench/base/ (an archive of the commit,
 so clean), and `python3 bench/_meta.py stamp` writes one at the repository root for a copy of
 the working tree without .git (the device machine: carry COMMIT with the tree). A stamp holds
@@ -73,6 +74,11 @@ def stamp(root: pathlib.Path = ROOT) -> dict:
     return record
 
 
+def _stamp_matches(stamp_file: pathlib.Path, root: pathlib.Path) -> bool:
+    text = stamp_file.read_text().strip()
+    return text.startswith("{") and json.loads(text).get("digest") == code_digest(root)
+
+
 def code_measured() -> dict:
     """The sparseball package this process imported: its folder, commit and changes (see the
     module's docstring for where they come from)."""
@@ -81,10 +87,12 @@ def code_measured() -> dict:
         return {"path": None, "commit": "unknown", "source": "sparseball not importable"}
     package = pathlib.Path(spec.origin).resolve().parent
     root = package.parent
-    state = _git_state(root)
-    if state is not None:
-        return {"path": str(package), **state, "source": "git"}
     stamp_file = root / "COMMIT"
+    state = _git_state(root)
+    # A stamp whose digest matches the code wins over git: the device machine's copy of the
+    # tree carries a .git of the checkout's first commit, not of the commit measured.
+    if state is not None and not (stamp_file.exists() and _stamp_matches(stamp_file, root)):
+        return {"path": str(package), **state, "source": "git"}
     if stamp_file.exists():
         text = stamp_file.read_text().strip()
         if text.startswith("{"):
