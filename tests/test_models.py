@@ -210,3 +210,30 @@ def test_import_stays_light():
             "print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("bias_elements", [1 << 28, 50])
+def test_cloud_attention_is_exact(bias_elements):
+    """CloudAttention against a dense float64 softmax over each cloud's real points with the
+    distance bias, in whole clouds or in query blocks (a budget of 50 bias elements: blocks of
+    one to a few queries)."""
+    from sparseball.nn import CloudAttention
+
+    _, pos, batch = _clouds([37, 21, 8])
+    tree = sparseball.build_tree(pos.double(), batch, ball_size=16)
+    torch.manual_seed(0)
+    layer = CloudAttention(32, 2, ball_size=16, bias_elements=bias_elements).double()
+    with torch.no_grad():
+        layer.sigma.copy_(torch.tensor([-0.7, 0.4]))
+    h = torch.randn(tree.num_slots, 32, dtype=torch.float64)
+    with torch.no_grad():
+        got = layer(h, tree)
+        q, k, v = (t.transpose(0, 1) for t in layer._qkv(h, tree))         # [H, M, D]
+        same_cloud = tree.slot_cloud[:, None] == tree.slot_cloud[None, :]
+        allowed = same_cloud & tree.mask[None, :]
+        logits = q @ k.transpose(1, 2) / 4 + layer.sigma.view(-1, 1, 1) * torch.cdist(
+            tree.pos.double(), tree.pos.double())
+        weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        want = layer.proj((weights @ v).transpose(0, 1).reshape(tree.num_slots, 32))
+    # cdist's matrix-product form: distances to ~1e-8 in float64.
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)

@@ -151,13 +151,24 @@ class BallAttention(_PointAttention):
 
 
 class CloudAttention(_PointAttention):
-    """Exact attention of every point to every real point of its cloud (PyTorch SDPA, one
-    call per cloud, padding slots masked as keys): the quadratic upper baseline. No distance
-    bias (it would be a dense `[n, n]` tensor per head); positions enter through the relative
-    position encoding and the model's embedding."""
+    """Exact attention of every point to every real point of its cloud, with the same learned
+    distance bias `sigma[h] * ||p_i - p_j||` as the other layers: the quadratic upper
+    baseline, the attention that NSA approximates.
 
-    def __init__(self, dim: int, heads: int, *, ball_size: int = 128, pos_dim: int = 3):
+    PyTorch SDPA with the bias as a dense float mask (its memory-efficient kernel), one call
+    per block of at most `bias_elements` query-key pairs per head, so that the bias never
+    costs more than that (a 65,536-point cloud takes blocks of 4,096 queries). Padding slots
+    get -inf in the mask: they are never keys. `distance_bias=False` drops the bias (and
+    `sigma`), which lets SDPA take its flash kernel on clouds without padding.
+    """
+
+    def __init__(self, dim: int, heads: int, *, ball_size: int = 128, pos_dim: int = 3,
+                 sigma_init: float = -1.0, distance_bias: bool = True,
+                 bias_elements: int = 1 << 28):
         super().__init__(dim, heads, ball_size=ball_size, pos_dim=pos_dim)
+        self.sigma = (nn.Parameter(torch.full((heads,), float(sigma_init)))
+                      if distance_bias else None)
+        self.bias_elements = bias_elements
 
     def forward(self, x: torch.Tensor, tree) -> torch.Tensor:
         """`x` `[M, dim]` in the slot order of `tree` -> `[M, dim]`."""
@@ -167,13 +178,24 @@ class CloudAttention(_PointAttention):
         q, k, v = (t.transpose(0, 1)[None] for t in self._qkv(x, tree))
         offsets = tree.offsets_list
         has_padding = tree.num_points < tree.num_slots
+        pos = tree.pos.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         outs = []
         for start, end in zip(offsets[:-1], offsets[1:], strict=True):
             if end == start:
                 continue
-            # Without padding there is no mask, and SDPA may take its flash kernel.
-            mask = tree.mask[start:end].view(1, 1, 1, -1) if has_padding else None
-            outs.append(F.scaled_dot_product_attention(
-                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], attn_mask=mask))
+            keys = slice(start, end)
+            rows = max(1, self.bias_elements // (self.heads * (end - start)))
+            for first in range(start, end, rows):
+                queries = slice(first, min(first + rows, end))
+                mask = None
+                if self.sigma is not None:
+                    distance = torch.cdist(pos[queries], pos[keys])
+                    mask = (self.sigma.view(-1, 1, 1) * distance)[None].to(q.dtype)
+                if has_padding:
+                    real = tree.mask[keys].view(1, 1, 1, -1)
+                    mask = (real if mask is None
+                            else mask.masked_fill(~real, float("-inf")))
+                outs.append(F.scaled_dot_product_attention(
+                    q[:, :, queries], k[:, :, keys], v[:, :, keys], attn_mask=mask))
         out = torch.cat(outs, dim=2)[0].transpose(0, 1)
         return self.proj(out.reshape(x.shape[0], self.dim))
