@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import textwrap
 from pathlib import Path
 
 from _meta import run_line, run_record
@@ -71,7 +72,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel("validation rel. L2 error")
         ax.set_yscale("log")
         ax.legend()
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(title, 70 * len(tasks))), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

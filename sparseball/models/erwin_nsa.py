@@ -140,7 +140,10 @@ class ErwinNSA(nn.Module):
         features = [x, pos.to(x.dtype)]
         if self.fourier is not None:
             features.append(self.fourier(pos).to(x.dtype))
-        h = self.embed(tree.to_slots(torch.cat(features, dim=-1)))
+        # The residual stream stays float32 under autocast (the blocks' half-precision outputs
+        # are added to it): RMSNorm then meets its float32 weight (a bfloat16 input misses
+        # the fused kernel) and the sums of `depth` blocks keep their digits.
+        h = self.embed(tree.to_slots(torch.cat(features, dim=-1))).float()
         if self.message_passing is not None:
             h = self.message_passing(h, tree)
         orderings = [tree, tree.rotated_tree(0)] if self.rotate else [tree]
