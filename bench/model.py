@@ -37,11 +37,13 @@ def batch_of(clouds: int, points: int, device) -> tuple[torch.Tensor, ...]:
     return x, pos, batch, y
 
 
-def measure(attention: str, clouds: int, points: int, compiled: bool, steps: int) -> dict:
+def training_step(attention: str, clouds: int, points: int, *, compiled: bool = False,
+                  checkpoint: bool = False):
+    """The default model of `attention`, its optimizer, and a closure running one training
+    step (forward, backward, AdamW) on a fixed random batch."""
     device = torch.device("cuda")
-    large = clouds * points > 100_000
     torch.manual_seed(0)
-    model = ErwinNSA(1, 3, attention=attention, checkpoint=large).to(device)
+    model = ErwinNSA(1, 3, attention=attention, checkpoint=checkpoint).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     step_model = torch.compile(model) if compiled else model
     x, pos, batch, y = batch_of(clouds, points, device)
@@ -52,8 +54,13 @@ def measure(attention: str, clouds: int, points: int, compiled: bool, steps: int
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
 
+    return model, step
+
+
+def measure(attention: str, clouds: int, points: int, compiled: bool, steps: int) -> dict:
+    large = clouds * points > 100_000
+    model, step = training_step(attention, clouds, points, compiled=compiled, checkpoint=large)
     step()  # build and compile the kernels (and the graph)
     step()
     torch.cuda.synchronize()
@@ -75,19 +82,7 @@ def measure(attention: str, clouds: int, points: int, compiled: bool, steps: int
 
 def profile(attention: str, clouds: int, points: int, out: Path) -> None:
     """torch.profiler table of one eager step (after two warm-up steps): where the time goes."""
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = ErwinNSA(1, 3, attention=attention).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x, pos, batch, y = batch_of(clouds, points, device)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = (model(x, pos, batch) - y).float().square().mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    _, step = training_step(attention, clouds, points)
     step()
     step()
     torch.cuda.synchronize()

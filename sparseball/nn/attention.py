@@ -16,6 +16,13 @@ import sparseball
 __all__ = ["BallAttention", "BallNSA", "CloudAttention"]
 
 
+def _offset_from_block_centre(tree, block_size: int) -> torch.Tensor:
+    """`[M, dim]`: each slot's position minus the centre of its aligned `block_size`-block."""
+    centre = tree.centers(block_size).repeat_interleave(block_size, dim=0,
+                                                        output_size=tree.num_slots)
+    return tree.pos - centre
+
+
 class _PointAttention(nn.Module):
     """What every attention layer here shares: Erwin's relative position encoding
     (`x + Linear(p - centre of the point's ball)`), the q, k, v and output projections."""
@@ -42,9 +49,8 @@ class _PointAttention(nn.Module):
 
     def _qkv(self, x: torch.Tensor, tree) -> tuple[torch.Tensor, ...]:
         """q, k, v `[M, H, D]` of features `x` `[M, dim]` with the relative position added."""
-        ball = self.ball_size
-        centre = tree.centers(ball).repeat_interleave(ball, dim=0, output_size=tree.num_slots)
-        x = x + self.relative_position((tree.pos - centre).to(self.relative_position.weight.dtype))
+        offset = _offset_from_block_centre(tree, self.ball_size)
+        x = x + self.relative_position(offset.to(self.relative_position.weight.dtype))
         return self.qkv(x).view(-1, 3, self.heads, self.head_dim).unbind(1)
 
 
@@ -121,8 +127,8 @@ class BallNSA(_PointAttention):
         mean = sparseball.ops.compress(x, tree, c, backend=self.backend)
         if self.compressor is None:
             return mean
-        centre = tree.centers(c).repeat_interleave(c, dim=0, output_size=tree.num_slots)
-        offset = self.block_position((tree.pos - centre).to(self.block_position.weight.dtype))
+        offset = _offset_from_block_centre(tree, c)
+        offset = self.block_position(offset.to(self.block_position.weight.dtype))
         real = tree.mask.view(-1, 1, 1)
         # `where`: padding slots never act, whatever they hold.
         members = torch.where(real, x + offset[:, None, :].to(x.dtype), 0)
