@@ -39,6 +39,12 @@ def init(device_name: str) -> World:
     return World(rank, size, device)
 
 
+def barrier() -> None:
+    """Waits for every rank (nothing in a world of one)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -51,7 +51,12 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None,
                           f"it with --resume {run}, or choose another --out")
     world = distributed.init(cfg.device)
     try:
-        return _train(cfg, run, world, resume, stop_after, progress, plot)
+        result = _train(cfg, run, world, resume, stop_after, progress, plot)
+        # The other ranks finish before rank 0 has saved and plotted; tearing the group down
+        # while a peer still holds its connections aborts a process (gloo: "terminate called
+        # without an active exception", seen in CI). Leave together.
+        distributed.barrier()
+        return result
     finally:
         distributed.shutdown()
 
