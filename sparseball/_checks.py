@@ -26,13 +26,18 @@ def check_power_of_two(name: str, value: object, *, maximum: int | None = None,
     return value
 
 
-def check_slots(name: str, x: object, tree) -> None:
-    """`x` must be a floating `[M, H, D]` tensor on the tree's device."""
+def check_slots(name: str, x: object, tree, rows: int | None = None,
+                rows_name: str | None = None) -> None:
+    """`x` must be a floating `[M, H, D]` tensor on the tree's device (`[rows, H, D]` when
+    given, e.g. one row per compressed block)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (M, H, D), got {type(x).__name__}")
     if x.ndim != 3:
         raise ValueError(f"{name} must have shape (M, H, D), got {tuple(x.shape)}")
-    if x.shape[0] != tree.num_slots:
+    if rows is not None and x.shape[0] != rows:
+        raise ValueError(f"{name} must have shape ({rows_name}, H, D) = ({rows}, H, D), "
+                         f"got {tuple(x.shape)}")
+    if rows is None and x.shape[0] != tree.num_slots:
         raise ValueError(
             f"{name} must have one row per slot: shape (M, H, D) with M = tree.num_slots = "
             f"{tree.num_slots}, got {tuple(x.shape)} (use tree.to_slots to lay points out)"

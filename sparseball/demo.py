@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import sparseball
-from sparseball.backends import BACKENDS, OPS
+from sparseball.backends import BACKENDS, FLAT_OPS
 from sparseball.tree import _resolve_builder
 
 CLOUD_SIZES = (4097, 3000, 1500, 777, 64, 1)
@@ -71,7 +71,7 @@ def _attention_backends(device: torch.device, dtype: torch.dtype, head_dim: int)
     """Backends that can run every op on such inputs."""
     return [
         name for name, backend in BACKENDS.items()
-        if not any(backend.not_supported_reasons(op, device, dtype, head_dim) for op in OPS)
+        if not any(backend.not_supported_reasons(op, device, dtype, head_dim) for op in FLAT_OPS)
     ]
 
 

@@ -33,6 +33,9 @@ __all__ = [
     "compressed_attention",
     "select_blocks",
     "selection_attention",
+    "far_field_tokens",
+    "far_field_select",
+    "far_field_attention",
 ]
 
 
@@ -186,6 +189,118 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree:
                                        _scale(scale, q))
 
 
+# The tree far field (docs/contract.md, section 3.1)
+
+
+def far_field_tokens(x_cmp: torch.Tensor, tree: BallTree, compress_size: int, fanout: int = 4,
+                     top_blocks: int = 256, *, backend: str = "auto") -> torch.Tensor:
+    """The tokens of every far-field level, built from the level-0 ones.
+
+    Args:
+        x_cmp (torch.Tensor): `[M / compress_size, H, D]` level-0 tokens: `compress(x)`, or
+            learned.
+        tree (BallTree): the tree they summarise.
+        compress_size (int): c, the slots of a level-0 block.
+        fanout (int): f, the children of a block, a power of two >= 2.
+        top_blocks (int): the levels stop at the first where no cloud has more blocks.
+
+    Returns:
+        torch.Tensor: `[T, H, D]` with `T = tree.levels(c, f, top_blocks).num_tokens`: level 0
+            is `x_cmp`, a block above the count-weighted mean of its children (0 without a
+            real slot).
+    """
+    levels = None
+    if not torch.compiler.is_compiling():
+        check_tree(tree)
+        levels = tree.levels(compress_size, fanout, top_blocks)
+        if not isinstance(x_cmp, torch.Tensor):
+            raise TypeError(f"x_cmp must be a torch.Tensor, got {type(x_cmp).__name__}")
+        check_slots("x_cmp", x_cmp, tree, rows=tree.num_slots // compress_size,
+                    rows_name="M / compress_size")
+    levels = levels or tree.levels(compress_size, fanout, top_blocks)
+    kernels = select_backend("far_field_tokens", backend, x_cmp)
+    return kernels.far_field_tokens(x_cmp, tree, levels)
+
+
+def far_field_select(q: torch.Tensor, k_tok: torch.Tensor, tree: BallTree, compress_size: int,
+                     group_size: int, top_k: int, fanout: int = 4, top_blocks: int = 256,
+                     sigma: torch.Tensor | None = None, scale: float | None = None, *,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The descent of the tree far field: per query group and head, from the top level down,
+    expand the `top_k` blocks of largest probability mass and leave the others in the cut.
+
+    Args:
+        q (torch.Tensor): `[M, H, D]` queries in slot order.
+        k_tok (torch.Tensor): `[T, H, D]` key tokens of every level (`far_field_tokens`).
+        tree (BallTree): the tree q is laid out by.
+        compress_size (int): c, the slots of a level-0 block (and of a selected block).
+        group_size (int): queries of an aligned `group_size`-block share one descent.
+        top_k (int): blocks expanded per level, and selected at level 0.
+        fanout (int): f, the children of a block.
+        top_blocks (int): the most blocks a cloud has at the top level.
+        sigma (torch.Tensor | None): `[H]`, adds `sigma[h] * ||p_i - center(u)||` to each logit.
+        scale (float | None): logit scale, `1 / sqrt(D)` by default.
+
+    Returns:
+        torch.Tensor: int32 `[M / group_size, H, top_k]`, the selected level-0 block ids
+            (ids of `compress_size`-blocks) in ascending order, then -1.
+        torch.Tensor: int32 `[M / group_size, H, levels.max_cut(top_k)]`, the token numbers of
+            the cut in ascending order, then -1.
+    """
+    if not torch.compiler.is_compiling():
+        check_tree(tree)
+        check_slots("q", q, tree)
+        levels = tree.levels(compress_size, fanout, top_blocks)
+        check_power_of_two("group_size", group_size, maximum=tree.ball_size)
+        check_int("top_k", top_k, minimum=1)
+        check_like("k_tok", k_tok, q, (levels.num_tokens, *q.shape[1:]))
+        _check_sigma(sigma, q)
+    levels = tree.levels(compress_size, fanout, top_blocks)
+    kernels = select_backend("far_field_select", backend, q)
+    return kernels.far_field_select(q, k_tok, tree, levels, group_size, top_k, sigma,
+                                    _scale(scale, q))
+
+
+def far_field_attention(q: torch.Tensor, k_tok: torch.Tensor, v_tok: torch.Tensor,
+                        tree: BallTree, cut: torch.Tensor, compress_size: int, group_size: int,
+                        fanout: int = 4, top_blocks: int = 256,
+                        sigma: torch.Tensor | None = None, scale: float | None = None, *,
+                        backend: str = "auto") -> torch.Tensor:
+    """Each query attends, per head, to the tokens of its group's cut, each token's logit
+    raised by the log of its real-slot count (a token weighs as the points it stands for).
+
+    Args:
+        q (torch.Tensor): `[M, H, D]` queries in slot order.
+        k_tok (torch.Tensor): `[T, H, D]` key tokens (`far_field_tokens`).
+        v_tok (torch.Tensor): `[T, H, D]` value tokens.
+        tree (BallTree): the tree q is laid out by.
+        cut (torch.Tensor): int32 `[M / group_size, H, W]` token numbers (as from
+            `far_field_select`): distinct per row, of tokens in the group's cloud, -1 for none.
+        compress_size (int): c, the slots of a level-0 block.
+        group_size (int): queries of an aligned `group_size`-block share one cut.
+        fanout (int): f, the children of a block.
+        top_blocks (int): the most blocks a cloud has at the top level.
+        sigma (torch.Tensor | None): `[H]`, adds `sigma[h] * ||p_i - center(u)||` to each logit.
+        scale (float | None): logit scale, `1 / sqrt(D)` by default.
+
+    Returns:
+        torch.Tensor: `[M, H, D]`; 0 for a query whose cut is empty.
+    """
+    if not torch.compiler.is_compiling():
+        check_tree(tree)
+        check_slots("q", q, tree)
+        levels = tree.levels(compress_size, fanout, top_blocks)
+        check_power_of_two("group_size", group_size, maximum=tree.ball_size)
+        check_like("k_tok", k_tok, q, (levels.num_tokens, *q.shape[1:]))
+        check_like("v_tok", v_tok, q, (levels.num_tokens, *q.shape[1:]))
+        _check_cut(cut, q, tree, levels, group_size)
+        _check_sigma(sigma, q)
+    levels = tree.levels(compress_size, fanout, top_blocks)
+    kernels = select_backend("far_field_attention", backend, q)
+    return kernels.far_field_attention(q, k_tok, v_tok, tree, levels, cut, group_size, sigma,
+                                       _scale(scale, q))
+
+
 def _scale(scale: float | None, q: torch.Tensor) -> float:
     if scale is None:
         return 1.0 / math.sqrt(q.shape[-1])
@@ -266,3 +381,36 @@ def _check_indices(indices: object, q: torch.Tensor, tree: BallTree, select_size
         raise ValueError("indices must select blocks of the group's own cloud")
     if problems[2]:
         raise ValueError("indices must not repeat a block within one row (group, head)")
+
+
+def _check_cut(cut: object, q: torch.Tensor, tree: BallTree, levels, group_size: int) -> None:
+    if not isinstance(cut, torch.Tensor):
+        raise TypeError(f"cut must be a torch.Tensor, got {type(cut).__name__}")
+    if cut.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cut must be int32 token numbers (as far_field_select returns), got {cut.dtype}")
+    num_groups = tree.num_slots // group_size
+    if cut.ndim != 3 or tuple(cut.shape[:2]) != (num_groups, q.shape[1]):
+        raise ValueError(f"cut must have shape (M / group_size, H, W) = ({num_groups}, "
+                         f"{q.shape[1]}, W), got {tuple(cut.shape)}")
+    if cut.device != q.device:
+        raise ValueError(f"cut must be on the device of q ({q.device}), got {cut.device}")
+    if cut.numel() == 0:
+        return
+    T = levels.num_tokens
+    token_cloud = torch.repeat_interleave(
+        torch.cat([torch.arange(len(n), device=q.device) for n in levels.cloud_blocks]),
+        torch.tensor([b for n in levels.cloud_blocks for b in n], device=q.device),
+        output_size=T)
+    group_cloud = tree.slot_cloud[::group_size]
+    other_cloud = (cut >= 0) & (token_cloud[cut.clamp(0, T - 1).long()] != group_cloud[:, None, None])
+    ordered = cut.sort(dim=-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    problems = torch.stack([(cut < -1).any() | (cut >= T).any(), other_cloud.any(),
+                            repeated.any()]).tolist()  # one device sync for all three
+    if problems[0]:
+        raise ValueError(f"cut must hold token numbers in [0, T) = [0, {T}) or -1, got values in "
+                         f"[{int(cut.min())}, {int(cut.max())}]")
+    if problems[1]:
+        raise ValueError("cut must hold tokens of the group's own cloud")
+    if problems[2]:
+        raise ValueError("cut must not repeat a token within one row (group, head)")

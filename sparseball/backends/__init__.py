@@ -20,7 +20,10 @@ from types import ModuleType
 
 import torch
 
-OPS = ("compress", "ball_attention", "compressed_attention", "select_blocks", "selection_attention")
+FLAT_OPS = ("compress", "ball_attention", "compressed_attention", "select_blocks",
+            "selection_attention")
+FAR_FIELD_OPS = ("far_field_tokens", "far_field_select", "far_field_attention")
+OPS = FLAT_OPS + FAR_FIELD_OPS
 ENV_VAR = "SPARSEBALL_BACKEND"
 _HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -93,7 +96,7 @@ BACKENDS: dict[str, Backend] = {
             module="sparseball.backends.triton.ops",
             devices=("cuda",),
             dtypes=_HALF_AND_SINGLE,
-            ops=OPS,
+            ops=FLAT_OPS,
             requires=("triton",),
             max_head_dim=128,
             interpreted_devices=("cpu",),

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import check_power_of_two
+from .._checks import check_int, check_power_of_two
+from .levels import TreeLevels, build_levels
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,6 +124,24 @@ class BallTree:
             real_mean = (pos * weight).sum(1) / count.clamp(min=1)
             self._cache[("centers", block_size)] = torch.where(count > 0, real_mean, pos.mean(1))
         return self._cache[("centers", block_size)]
+
+    def levels(self, compress_size: int, fanout: int = 4, top_blocks: int = 256) -> TreeLevels:
+        """The levels of the tree far field (docs/contract.md, section 3.1): blocks of
+        `compress_size * fanout^l` slots from each cloud's start, up to the first level where no
+        cloud has more than `top_blocks`; their layout, real-slot counts and centers.
+
+        Computed once per argument triple, from the host's `offsets_list` (no device sync), and
+        cached with the tree.
+        """
+        check_power_of_two("compress_size", compress_size, maximum=self.ball_size)
+        check_power_of_two("fanout", fanout)
+        if fanout < 2:
+            raise ValueError(f"fanout must be a power of two >= 2, got {fanout}")
+        check_int("top_blocks", top_blocks, minimum=1)
+        key = ("levels", compress_size, fanout, top_blocks)
+        if key not in self._cache:
+            self._cache[key] = build_levels(self, compress_size, fanout, top_blocks)
+        return self._cache[key]
 
     def rotated(self, r: int) -> torch.Tensor:
         """int64 `[M]`: `x[tree.rotated(r)]` puts slot-ordered data into rotated ordering r."""

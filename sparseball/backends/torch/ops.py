@@ -18,12 +18,17 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ...tree.levels import sum_children
+
 __all__ = [
     "compress",
     "ball_attention",
     "compressed_attention",
     "select_blocks",
     "selection_attention",
+    "far_field_tokens",
+    "far_field_select",
+    "far_field_attention",
 ]
 
 # Budget of one chunk, in score elements (query-key pairs times heads, plus the gathered keys
@@ -181,6 +186,148 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree,
     return torch.cat(outs)
 
 
+# The tree far field (docs/contract.md, section 3.1)
+
+
+def far_field_tokens(x_cmp: torch.Tensor, tree, levels) -> torch.Tensor:
+    """Tokens of every level `(T, H, D)` from the level-0 ones `x_cmp` `(M/c, H, D)`: each
+    level's are the count-weighted means of its children's, formed in the compute dtype."""
+    compute = _compute_dtype(x_cmp.dtype)
+    count = levels.count.to(compute)
+    start = levels.level_start
+    level_count = count[:start[1], None, None]
+    # `where`: a block without a real slot may hold anything (a learned token), even NaN.
+    weighted = torch.where(level_count > 0, x_cmp.to(compute) * level_count, 0)
+    tokens = [x_cmp]
+    for level, children in enumerate(levels.children, start=1):
+        weighted = sum_children(weighted, children, start[level - 1])
+        level_count = count[start[level]:start[level + 1], None, None]
+        tokens.append((weighted / level_count.clamp(min=1)).to(x_cmp.dtype))
+    return torch.cat(tokens)
+
+
+@torch.no_grad()
+def far_field_select(q: torch.Tensor, k_tok: torch.Tensor, tree, levels, group_size: int,
+                     top_k: int, sigma: torch.Tensor | None,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The descent: per query group and head, the `top_k` level-0 blocks it selects and the
+    cut of tokens that covers the rest of its cloud.
+
+    `q` is `(M, H, D)`, `k_tok` `(T, H, D)`. Returns int32 `selected` `(M/g, H, top_k)` and
+    `cut` `(M/g, H, levels.max_cut(top_k))`, ascending, then -1. Groups run in chunks; each
+    chunk descends through every level at once for all its groups and heads.
+    """
+    g, K = group_size, top_k
+    M, H, _ = q.shape
+    compute = _compute_dtype(q.dtype)
+    tokens = _TokenTable(k_tok, None, levels, sigma, compute)
+    widest = max(levels.max_top, K * levels.fanout, 1)
+    groups = max(1, CHUNK_ELEMENTS // (H * widest * (g + tree.dim + k_tok.shape[-1])))
+    group_cloud = tree.slot_cloud[::g]
+    selected, cut = [], []
+    for g0 in range(0, M // g, groups):
+        g1 = min(M // g, g0 + groups)
+        rows = slice(g0 * g, g1 * g)
+        sel, left = _descend(q[rows], tree.mask[rows], tree.pos[rows], group_cloud[g0:g1],
+                             tokens, levels, g, K, scale)
+        selected.append(sel)
+        cut.append(left)
+    return torch.cat(selected), torch.cat(cut)
+
+
+def far_field_attention(q: torch.Tensor, k_tok: torch.Tensor, v_tok: torch.Tensor, tree,
+                        levels, cut: torch.Tensor, group_size: int,
+                        sigma: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Each query of group g attends, per head, to the tokens `cut[g, h]` (-1: none), with
+    the log of each token's real-slot count added to its logit. Returns `(M, H, D)`."""
+    g = group_size
+    _, H, D = q.shape
+    compute = _compute_dtype(q.dtype)
+    tokens = _TokenTable(k_tok, v_tok, levels, sigma, compute)
+    if cut.shape[-1] == 0:  # no cloud is large enough to leave a cut: one empty column
+        cut = torch.full((*cut.shape[:2], 1), -1, dtype=cut.dtype, device=cut.device)
+    width = cut.shape[-1]
+    groups = max(1, CHUNK_ELEMENTS // (H * width * (g + 2 * D)))
+    pos = None if sigma is None else tree.pos.to(compute)
+    num_chunks = len(range(0, cut.shape[0], groups))
+    outs = [
+        _run_chunk(_far_field_chunk, q_c, tokens.keys, tokens.values, idx_c, pos_c, tokens.sigma,
+                   tokens.centers, tokens.log_count, group_size=g, scale=scale, compute=compute)
+        for q_c, idx_c, pos_c in zip(q.split(groups * g), cut.split(groups),
+                                     _split_or_none(pos, groups * g, num_chunks), strict=True)
+    ]
+    return torch.cat(outs)
+
+
+class _TokenTable:
+    """What the far-field ops gather per token, cast once to the compute dtype: keys, values,
+    the log of the real-slot counts (the logit term that makes a token weigh as its points),
+    centers and sigma for the distance bias."""
+
+    def __init__(self, k_tok, v_tok, levels, sigma, compute):
+        self.keys = k_tok.to(compute)
+        self.values = None if v_tok is None else v_tok.to(compute)
+        self.log_count = torch.log(levels.count.clamp(min=1).to(compute))
+        self.real = levels.count > 0
+        self.sigma = None if sigma is None else sigma.to(compute)
+        self.centers = None if sigma is None else levels.center.to(compute)
+
+    def logits(self, q_g, q_pos, ids):
+        """Logits `(G, H, g, W)` of the scaled queries `q_g` `(G, H, g, D)` for the tokens
+        `ids` `(G, H, W)` (valid numbers), with the count and distance terms."""
+        heads = torch.arange(ids.shape[1], device=ids.device).view(1, -1, 1)
+        logits = q_g @ self.keys[ids, heads].transpose(-1, -2) + self.log_count[ids][:, :, None]
+        if self.sigma is not None:
+            G, H, g, _ = q_g.shape
+            q_pos = q_pos.view(G, 1, g, -1).expand(G, H, g, q_pos.shape[-1])
+            logits = logits + self.sigma.view(1, H, 1, 1) * _distance(q_pos, self.centers[ids])
+        return logits
+
+
+def _descend(q, mask, pos, group_cloud, tokens, levels, g, K, scale):
+    """`far_field_select` for the groups of one chunk: `q` `(G*g, H, D)`."""
+    rows, H, D = q.shape
+    G = rows // g
+    q_g = (q.to(tokens.keys.dtype) * scale).view(G, g, H, D).transpose(1, 2)    # (G, H, g, D)
+    q_pos = pos.to(tokens.keys.dtype)
+    real_query = mask.view(G, 1, g, 1)
+    frontier = levels.top_tokens[group_cloud][:, None, :].expand(G, H, -1)
+    left = []
+    for level in range(levels.top_level, -1, -1):
+        valid = (frontier >= 0) & tokens.real[frontier.clamp(min=0)]
+        logits = tokens.logits(q_g, q_pos, frontier.clamp(min=0))
+        logits = logits.masked_fill(~valid[:, :, None, :], -math.inf)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        prob = torch.where(valid[:, :, None, :] & real_query,
+                           torch.exp(logits - lse.masked_fill(lse == -math.inf, 0)), 0)
+        importance = prob.sum(2).masked_fill(~valid, -math.inf)                 # (G, H, W)
+        # A stable sort keeps equal importances in frontier order, which is ascending token
+        # order: ties go to the lower token number.
+        order = torch.sort(importance, dim=-1, descending=True, stable=True).indices[..., :K]
+        kept = valid.gather(-1, order)
+        expanded = torch.zeros_like(valid).scatter_(-1, order, kept)
+        left.append(torch.where(valid & ~expanded, frontier, -1))
+        # The expanded tokens in ascending order, -1 after.
+        big = levels.num_tokens
+        chosen = torch.sort(torch.where(kept, frontier.gather(-1, order), big), dim=-1).values
+        chosen = torch.where(chosen < big, chosen, -1)
+        if level == 0:
+            selected = chosen
+            break
+        children = levels.children[level - 1]
+        local = (chosen - levels.level_start[level]).clamp(min=0)
+        frontier = torch.where(chosen[..., None] >= 0, children[local], -1).flatten(2)
+    if selected.shape[-1] < K:
+        selected = torch.nn.functional.pad(selected, (0, K - selected.shape[-1]), value=-1)
+    width = levels.max_cut(K)
+    cut = torch.cat(left, dim=-1)
+    cut = torch.sort(torch.where(cut >= 0, cut, levels.num_tokens), dim=-1).values[..., :width]
+    cut = torch.where(cut < levels.num_tokens, cut, -1)
+    if cut.shape[-1] < width:
+        cut = torch.nn.functional.pad(cut, (0, width - cut.shape[-1]), value=-1)
+    return selected.to(torch.int32), cut.to(torch.int32)
+
+
 # Chunk bodies: each sees only its own slice of queries, so its memory is bounded by the budget.
 
 
@@ -236,6 +383,26 @@ def _selection_chunk(q, keys, values, indices, mask, q_pos, pos, sigma, *, selec
         q_pos = q_pos.view(G, 1, g, -1).expand(G, H, g, q_pos.shape[-1])
         bias = sigma.view(1, H, 1, 1) * _distance(q_pos, pos[slots])
     out, _ = _attend(q_g @ k_g.transpose(-1, -2), bias, is_key[:, :, None, :], v_g)
+    return out.transpose(1, 2).reshape(rows, H, D).to(q.dtype)
+
+
+def _far_field_chunk(q, keys, values, cut, q_pos, sigma, centers, log_count, *, group_size,
+                     scale, compute):
+    """Queries `(G*g, H, D)` of G groups against the tokens of their cuts `(G, H, W)`."""
+    g = group_size
+    rows, H, D = q.shape
+    G = rows // g
+    valid = cut >= 0
+    ids = cut.clamp(min=0).long()
+    heads = torch.arange(H, device=q.device).view(1, H, 1)
+    k_g = torch.where(valid[..., None], keys[ids, heads], 0)                   # (G, H, W, D)
+    v_g = torch.where(valid[..., None], values[ids, heads], 0)
+    q_g = (q.to(compute) * scale).reshape(G, g, H, D).transpose(1, 2)        # (G, H, g, D)
+    bias = log_count[ids][:, :, None, :]
+    if sigma is not None:
+        q_pos = q_pos.view(G, 1, g, -1).expand(G, H, g, q_pos.shape[-1])
+        bias = bias + sigma.view(1, H, 1, 1) * _distance(q_pos, centers[ids])
+    out, _ = _attend(q_g @ k_g.transpose(-1, -2), bias, valid[:, :, None, :], v_g)
     return out.transpose(1, 2).reshape(rows, H, D).to(q.dtype)
 
 
