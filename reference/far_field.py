@@ -50,11 +50,13 @@ def _members(tree, tokens: list[Token]) -> torch.Tensor:
 
 
 def counts_and_centers(tree, tokens: list[Token]) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 `(T,)` real slots and float64 `(T, dim)` mean real position (0 if none)."""
+    """int64 `(T,)` real slots and `(T, dim)` mean real position (0 if none), computed in
+    float64 and rounded to the tree's position dtype (returned as float64)."""
     member = _members(tree, tokens)
     count = member.sum(1)
     center = (member.double() @ _f64(tree.pos.cpu())) / count.clamp(min=1)[:, None]
-    return count, center
+    # Rounded once to the positions' dtype, as the tree keeps its centers.
+    return count, center.to(tree.pos.dtype).double()
 
 
 def _children(tokens: list[Token], u: int) -> list[int]:
@@ -64,8 +66,8 @@ def _children(tokens: list[Token], u: int) -> list[int]:
 
 
 def far_field_tokens(x_cmp, tree, compress_size, fanout, top_blocks) -> torch.Tensor:
-    """float64 `(T, H, D)`: level 0 is `x_cmp`; a token above is the count-weighted mean of the
-    level-0 tokens inside it (0 without a real slot)."""
+    """float64 `(T, H, D)`: level 0 is `x_cmp` as given; a token above is the count-weighted
+    mean of the level-0 tokens inside it (0 without a real slot)."""
     tokens = tokens_of(tree, compress_size, fanout, top_blocks)
     count, _ = counts_and_centers(tree, tokens)
     base = [w for w, t in enumerate(tokens) if t.level == 0]
@@ -73,7 +75,8 @@ def far_field_tokens(x_cmp, tree, compress_size, fanout, top_blocks) -> torch.Te
                             and tokens[w].end <= t.end for w in base] for t in tokens])
     weight = inside.double() * count[base].double()[None, :]
     total = torch.einsum("uw,whd->uhd", weight, _f64(x_cmp))
-    return total / count.clamp(min=1).double()[:, None, None]
+    above = total[len(base):] / count[len(base):].clamp(min=1).double()[:, None, None]
+    return torch.cat([_f64(x_cmp), above])
 
 
 def _logits(q, k_tok, tree, center, count, sigma, scale) -> torch.Tensor:

@@ -73,6 +73,30 @@ def test_clouds_are_isolated(attention):
     torch.testing.assert_close(out2[~other], out[~other], rtol=0, atol=0)
 
 
+TREE = dict(far_field="tree", compress_size=4, select_size=4, fanout=2, top_blocks=3)
+
+
+def test_tree_far_field_model():
+    """`far_field="tree"`: every parameter learns, clouds stay isolated, and the model is a
+    different one from flat NSA with the same weights (its global branches see other keys)."""
+    x, pos, batch = _clouds([37, 1, 60, 150])
+    model = _model("nsa", **TREE)
+    out = model(x, pos, batch)
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    flat = _model("nsa", **{**TREE, "far_field": "flat"})
+    with torch.no_grad():
+        assert not torch.allclose(flat(x, pos, batch), out)
+        other = batch == 3
+        x2 = x.clone()
+        x2[other] = torch.rand(int(other.sum()), 2)
+        torch.testing.assert_close(model(x2, pos, batch)[~other], out[~other], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="select_size must equal compress_size"):
+        _model("nsa", **{**TREE, "select_size": 8})
+
+
 def test_parameter_counts_within_ten_percent():
     """The baselines get the model's budget: parameter counts within 10% at the defaults and
     at the small test size."""

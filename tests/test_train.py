@@ -18,7 +18,7 @@ from sparseball.__main__ import build_parser, main
 from sparseball.tasks import PointCloudBatch
 from sparseball.training import Config, evaluate_run, train
 from sparseball.training.checkpoint import CHECKPOINT
-from sparseball.training.config import config_from_arguments
+from sparseball.training.config import ConfigError, config_from_arguments
 from sparseball.training.data import STREAMS, draw, stream_seed
 from sparseball.training.loop import autocast, build_model, build_optimizer, train_step
 from sparseball.training.metrics import read_log
@@ -151,6 +151,15 @@ def test_config_round_trip(tmp_path, tiny_run):
          "--model", "ball", "--lr", "1e-4"])
     assert config_from_arguments(args) == Config(points=[32, 96], screening=0.5,
                                                  message_passing=True, model="ball", lr=1e-4)
+    args = build_parser().parse_args(
+        ["train", "--far-field", "tree", "--compress-size", "32", "--select-size", "32",
+         "--fanout", "8", "--top-blocks", "64"])
+    assert config_from_arguments(args) == Config(far_field="tree", compress_size=32,
+                                                 select_size=32, fanout=8, top_blocks=64)
+    with pytest.raises(ConfigError, match="--select-size must equal --compress-size = 16"):
+        Config(far_field="tree").validate()
+    with pytest.raises(ConfigError, match="--fanout must be >= 2"):
+        Config(far_field="tree", select_size=16, fanout=1).validate()
     # A run reproduces from its config.json: the same losses and weights.
     run, model = tiny_run
     again = tmp_path / "again"

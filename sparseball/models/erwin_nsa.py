@@ -73,6 +73,9 @@ class ErwinNSA(nn.Module):
         checkpoint (bool): recompute each block in the backward pass (activation
             checkpointing: memory of one block instead of `depth`).
         backend (str): the `sparseball` backend of the attention ops.
+        far_field (str): nsa: `"flat"` or `"tree"` (`BallNSA`'s global branches).
+        fanout (int): nsa with `far_field="tree"`: children per block.
+        top_blocks (int): nsa with `far_field="tree"`: the most blocks per cloud at the top.
     """
 
     def __init__(self, in_dim: int, out_dim: int, *, dim: int = 128, depth: int = 4,
@@ -81,7 +84,8 @@ class ErwinNSA(nn.Module):
                  top_k: int = 8, compression: str = "mlp", pos_dim: int = 3,
                  frequencies: int = 8, position_scale: float = 1.0,
                  message_passing: bool = False, mlp_ratio: float = 3.0, rotate: bool = True,
-                 checkpoint: bool = False, backend: str = "auto"):
+                 checkpoint: bool = False, backend: str = "auto", far_field: str = "flat",
+                 fanout: int = 4, top_blocks: int = 256):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -104,7 +108,8 @@ class ErwinNSA(nn.Module):
             if attention == "nsa":
                 return BallNSA(dim, heads, ball_size=ball_size, compress_size=compress_size,
                                select_size=select_size, group_size=group_size, top_k=top_k,
-                               compression=compression, pos_dim=pos_dim, backend=backend)
+                               compression=compression, pos_dim=pos_dim, backend=backend,
+                               far_field=far_field, fanout=fanout, top_blocks=top_blocks)
             if attention == "ball":
                 return BallAttention(dim, heads, ball_size=ball_size, pos_dim=pos_dim,
                                      backend=backend)

@@ -85,17 +85,29 @@ class BallNSA(_PointAttention):
         pos_dim (int): coordinates per point.
         sigma_init (float): initial distance-bias slope of every head (negative: near first).
         backend (str): the `sparseball` backend of every op.
+        far_field (str): `"flat"` (NSA: every compressed block of the cloud) or `"tree"` (the
+            descent over coarser levels, O(N log N); `select_size` must equal
+            `compress_size`): see `sparseball.attention`.
+        fanout (int): `far_field="tree"`: children per block.
+        top_blocks (int): `far_field="tree"`: the most blocks a cloud has at the top level.
     """
 
     def __init__(self, dim: int, heads: int, *, ball_size: int = 128, compress_size: int = 32,
                  select_size: int = 64, group_size: int = 64, top_k: int = 8,
                  compression: str = "mlp", pos_dim: int = 3, sigma_init: float = -1.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", far_field: str = "flat", fanout: int = 4,
+                 top_blocks: int = 256):
         super().__init__(dim, heads, ball_size=ball_size, pos_dim=pos_dim)
         if compression not in ("mlp", "mean"):
             raise ValueError(f"compression must be 'mlp' or 'mean', got {compression!r}")
         self.compress_size, self.select_size = compress_size, select_size
         self.group_size, self.top_k, self.backend = group_size, top_k, backend
+        if far_field not in ("flat", "tree"):
+            raise ValueError(f"far_field must be 'flat' or 'tree', got {far_field!r}")
+        if far_field == "tree" and select_size != compress_size:
+            raise ValueError(f"select_size must equal compress_size = {compress_size} with "
+                             f"far_field='tree', got {select_size}")
+        self.far_field, self.fanout, self.top_blocks = far_field, fanout, top_blocks
         self.sigma = nn.Parameter(torch.full((heads,), float(sigma_init)))
         self.gate = nn.Linear(dim, 3 * heads)
         with torch.no_grad():
@@ -118,7 +130,8 @@ class BallNSA(_PointAttention):
             q, k, v, tree, gates=gates, sigma=self.sigma, ball_size=self.ball_size,
             compress_size=self.compress_size, select_size=self.select_size,
             group_size=self.group_size, top_k=self.top_k, k_cmp=k_cmp, v_cmp=v_cmp,
-            backend=self.backend)
+            backend=self.backend, far_field=self.far_field, fanout=self.fanout,
+            top_blocks=self.top_blocks)
         return self.proj(out.reshape(x.shape[0], self.dim))
 
     def _compress(self, x: torch.Tensor, tree) -> torch.Tensor:

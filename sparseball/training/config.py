@@ -22,6 +22,7 @@ from sparseball.models import ATTENTIONS
 
 TASKS = ("gravity",)
 PRECISIONS = ("32", "bf16", "fp16")
+FAR_FIELDS = ("flat", "tree")
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,13 @@ class Config:
     select_size: int = _option(32, "nsa: selected block size")
     group_size: int = _option(32, "nsa: queries sharing one selection")
     top_k: int = _option(4, "nsa: blocks selected per query group")
+    far_field: str = _option("flat", "nsa: the global branches: flat (every compressed block of "
+                                     "the cloud) or tree (a descent over coarser levels, "
+                                     "N log N; --select-size = --compress-size)",
+                             choices=FAR_FIELDS)
+    fanout: int = _option(4, "nsa, --far-field tree: children per block (power of two >= 2)")
+    top_blocks: int = _option(256, "nsa, --far-field tree: the most blocks per cloud at the "
+                                   "top level")
     frequencies: int = _option(8, "Fourier frequencies of the position embedding (0: none)")
     message_passing: bool = _option(True, "one round of message passing between the 8 nearest "
                                            "neighbours in each 16-slot leaf before the blocks")
@@ -105,6 +113,14 @@ class Config:
             if self.select_size < self.compress_size:
                 raise ConfigError(f"--select-size must be >= --compress-size = "
                                   f"{self.compress_size}, got {self.select_size}")
+            if self.far_field == "tree" and self.select_size != self.compress_size:
+                raise ConfigError(f"--select-size must equal --compress-size = "
+                                  f"{self.compress_size} with --far-field tree, got "
+                                  f"{self.select_size}")
+            _check(check_power_of_two, "fanout", self.fanout)
+            if self.fanout < 2:
+                raise ConfigError(f"--fanout must be >= 2, got {self.fanout}")
+            _check(check_int, "top_blocks", self.top_blocks, minimum=1)
         for name in ("softening", "target_unit", "length_unit", "lr"):
             _check_positive(name, getattr(self, name))
         if self.screening is not None:
@@ -114,6 +130,7 @@ class Config:
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"--warmup must be in [0, 1), got {self.warmup}")
         for name, choices in (("task", TASKS), ("model", ATTENTIONS), ("precision", PRECISIONS),
+                              ("far_field", FAR_FIELDS),
                               ("backend", ("auto", *BACKENDS))):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(choices)}, "

@@ -83,7 +83,8 @@ def build_model(cfg: Config) -> ErwinNSA:
         pos_dim=pos.shape[1], frequencies=cfg.frequencies,
         # The Fourier features resolve the unit cube of the task, in model units, downwards.
         position_scale=1 / cfg.length_unit, message_passing=cfg.message_passing,
-        checkpoint=cfg.activation_checkpointing, backend=cfg.backend)
+        checkpoint=cfg.activation_checkpointing, backend=cfg.backend, far_field=cfg.far_field,
+        fanout=cfg.fanout, top_blocks=cfg.top_blocks)
 
 
 def build_optimizer(cfg: Config, model: nn.Module):

@@ -197,13 +197,15 @@ def far_field_tokens(x_cmp: torch.Tensor, tree, levels) -> torch.Tensor:
     start = levels.level_start
     level_count = count[:start[1], None, None]
     # `where`: a block without a real slot may hold anything (a learned token), even NaN.
-    weighted = torch.where(level_count > 0, x_cmp.to(compute) * level_count, 0)
-    tokens = [x_cmp]
+    base = x_cmp.to(compute)
+    weighted = torch.where(level_count > 0, base * level_count, 0)
+    tokens = [base]
     for level, children in enumerate(levels.children, start=1):
         weighted = sum_children(weighted, children, start[level - 1])
         level_count = count[start[level]:start[level + 1], None, None]
-        tokens.append((weighted / level_count.clamp(min=1)).to(x_cmp.dtype))
-    return torch.cat(tokens)
+        tokens.append(weighted / level_count.clamp(min=1))
+    # One cast at the end: the gradient of x_cmp, reached from every level, sums in `compute`.
+    return torch.cat(tokens).to(x_cmp.dtype)
 
 
 @torch.no_grad()
