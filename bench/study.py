@@ -30,11 +30,15 @@ from sparseball.training import Config, evaluate_run, train
 from sparseball.training.metrics import read_log
 
 TASKS = {"pure": None, "medium": 0.2, "short": 0.05}
-
+# The studied models: ErwinNSA's attention kinds, and NSA with the tree far field (its level-0
+# blocks are both compressed and selected: 64, the flat model's selected size).
+MODELS = {**{name: {"model": name} for name in ATTENTIONS},
+          "nsa-tree": {"model": "nsa", "far_field": "tree", "compress_size": 64,
+                       "select_size": 64}}
 
 
 def run_one(base: Config, model: str, task: str, out: Path, test_batches: int) -> dict:
-    cfg = dataclasses.replace(base, model=model, screening=TASKS[task],
+    cfg = dataclasses.replace(base, **MODELS[model], screening=TASKS[task],
                               out=str(out / f"{task}-{model}-{base.clouds}x{base.points}"))
     result = train(cfg, progress=False, plot=False)
     report = evaluate_run(cfg.out, batches=test_batches, progress=False)
@@ -79,7 +83,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="*", choices=ATTENTIONS, default=list(ATTENTIONS))
+    parser.add_argument("--models", nargs="*", choices=list(MODELS), default=list(ATTENTIONS))
     parser.add_argument("--tasks", nargs="*", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--clouds", type=int, default=16)
     parser.add_argument("--points", type=int, default=4096)
