@@ -39,8 +39,15 @@ from helpers import (
     selection_slack,
     tolerance,
 )
+from helpers import problems as contract_problems
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_far_field import (
+    check_far_field_attention,
+    check_far_field_select,
+    check_padding_never_acts_in_the_tree,
+    check_tree_mixture,
+)
 from test_ops import check_clouds_are_isolated, check_padding_never_acts
 
 import reference.ops as oracle
@@ -571,6 +578,53 @@ def test_backward_keeps_the_output_only_when_it_reads_it(dtype):
         assert all(torch.isfinite(t.grad).all() for t in (q, k, v)), name
 
 
+# The tree far field: test_far_field's checks against the float64 oracle, on small drawn trees
+# (every kernel program runs in Python under the interpreter: a few examples each, ~1 minute in
+# all). The dk/dv kernel's chunks of each token's group list are drawn: one group per chunk,
+# two, or the default (one chunk per token on these trees).
+
+
+def far_field_problem(data, dtype):
+    return data.draw(contract_problems(dtype, max_cloud_size=40, ball_sizes=(4, 8, 16),
+                                       max_heads=2), label="problem")
+
+
+def far_field_chunk(data):
+    chunk = data.draw(st.sampled_from([1, 2, 256]), label="dkv chunk")
+    return launch_override("far_field", chunk=chunk)
+
+
+@dtypes
+@settings(max_examples=3, deadline=None)
+@given(data=st.data())
+def test_far_field_attention(dtype, data):
+    problem = far_field_problem(data, dtype)
+    with far_field_chunk(data):
+        check_far_field_attention("triton", problem, data, min_group=2)
+
+
+@settings(max_examples=5, deadline=None)
+@given(data=st.data())
+def test_far_field_select(data):
+    problem = far_field_problem(data, data.draw(st.sampled_from(DTYPES), label="dtype"))
+    check_far_field_select("triton", problem, data, min_group=2)
+
+
+@settings(max_examples=3, deadline=None)
+@given(data=st.data())
+def test_attention_tree_mixture(data):
+    problem = far_field_problem(data, torch.float32)
+    with far_field_chunk(data):
+        check_tree_mixture("triton", problem, data, min_group=2)
+
+
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_padding_never_acts_in_the_tree_far_field(data):
+    check_padding_never_acts_in_the_tree("triton", far_field_problem(data, torch.float32), data,
+                                         min_group=2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_attention_mixture_matches_torch_backend(dtype):
     """`sparseball.attention` (every op, through the public API) agrees with the torch
@@ -603,7 +657,7 @@ def test_attention_mixture_matches_torch_backend(dtype):
 def test_public_dispatch(monkeypatch):
     """The backend table lists every op; on the CPU it serves only under the interpreter."""
     table = sparseball.BACKENDS["triton"]
-    assert set(table.ops) == set(sparseball.backends.FLAT_OPS)
+    assert set(table.ops) == set(sparseball.backends.OPS)
     cpu = torch.device("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert table.not_supported_reasons("ball_attention", cpu, torch.float32, 64) == []
