@@ -255,7 +255,8 @@ def _frontier_logits(q, K, POS, CENTERS, LOG_COUNT, IDS, rows, rows_ok, h, H, W,
                      BLOCK_D: tl.constexpr, HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr,
                      UPCAST_DOT: tl.constexpr):
     """Logits (log2 domain) `[rows, BLOCK_N]` of the frontier tokens `start ..`, -inf where
-    none, and which columns are in range."""
+    none. (The kernel forms the columns it stores to itself: offsets returned by a function
+    that takes input pointers count, for torch.compile's analysis, as pointing into them.)"""
     cols = start + tl.arange(0, BLOCK_N)
     cols_ok = cols < W
     ids = tl.load(IDS + cols, mask=cols_ok, other=-1).to(tl.int64)
@@ -266,7 +267,7 @@ def _frontier_logits(q, K, POS, CENTERS, LOG_COUNT, IDS, rows, rows_ok, h, H, W,
     logc2 = tl.load(LOG_COUNT + tok, mask=valid, other=0.0) * LOG2E
     s, _ = _logits(q, k, qk_scale, sig, logc2[None, :], POS, rows, rows_ok, CENTERS, tok, valid,
                    DIM, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
-    return tl.where(valid[None, :], s, float("-inf")), cols, cols_ok
+    return tl.where(valid[None, :], s, float("-inf"))
 
 
 @triton.jit
@@ -276,7 +277,7 @@ def _frontier_importance_kernel(
     D: tl.constexpr, DIM: tl.constexpr, GS: tl.constexpr, QROWS: tl.constexpr,
     NSUB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ONE_TILE: tl.constexpr, HAS_SIGMA: tl.constexpr, FP32_DOT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, SPLIT_DOT: tl.constexpr,
 ):
     """One program per (group, head), the group's rows in NSUB tiles of QROWS. ONE_TILE (the
     frontier fits one BLOCK_N tile, as it does below the top level: top_k * fanout tokens):
@@ -301,12 +302,12 @@ def _frontier_importance_kernel(
             real = tl.load(MASK + rows, mask=rows_ok, other=0) != 0
             q_offs, q_ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
             q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
-            s, cols, cols_ok = _frontier_logits(q, K, POS, CENTERS, LOG_COUNT, ids_row, rows,
-                                                rows_ok, h, H, W, 0, qk_scale, sig, D, DIM,
-                                                BLOCK_N, BLOCK_D, HAS_SIGMA, FP32_DOT,
-                                                UPCAST_DOT)
+            s = _frontier_logits(q, K, POS, CENTERS, LOG_COUNT, ids_row, rows, rows_ok, h, H, W,
+                                 0, qk_scale, sig, D, DIM, BLOCK_N, BLOCK_D, HAS_SIGMA,
+                                 FP32_DOT, UPCAST_DOT)
             colsum += tl.sum(_frontier_probs(s, tl.max(s, axis=1), real), axis=0)
-        tl.store(out_row + cols, colsum, mask=cols_ok)
+        cols = tl.arange(0, BLOCK_N)
+        tl.store(out_row + cols, colsum, mask=cols < W)
     else:
         tiles = tl.arange(0, NSUB)
         lse_all = tl.zeros((NSUB, BLOCK_M), dtype=tl.float32)
@@ -318,9 +319,9 @@ def _frontier_importance_kernel(
             m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for start in range(0, W, BLOCK_N):
-                s, _, _ = _frontier_logits(q, K, POS, CENTERS, LOG_COUNT, ids_row, rows,
-                                           rows_ok, h, H, W, start, qk_scale, sig, D, DIM,
-                                           BLOCK_N, BLOCK_D, HAS_SIGMA, FP32_DOT, UPCAST_DOT)
+                s = _frontier_logits(q, K, POS, CENTERS, LOG_COUNT, ids_row, rows, rows_ok, h, H,
+                                     W, start, qk_scale, sig, D, DIM, BLOCK_N, BLOCK_D,
+                                     HAS_SIGMA, FP32_DOT, UPCAST_DOT)
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
                 l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(s - m_ref[:, None]), axis=1)
@@ -336,14 +337,14 @@ def _frontier_importance_kernel(
                 real = tl.load(MASK + rows, mask=rows_ok, other=0) != 0
                 q_offs, q_ok = _head_tile(rows, rows_ok, h, H, D, BLOCK_D)
                 q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
-                s, cols, cols_ok = _frontier_logits(q, K, POS, CENTERS, LOG_COUNT, ids_row,
-                                                    rows, rows_ok, h, H, W, start, qk_scale, sig,
-                                                    D, DIM, BLOCK_N, BLOCK_D, HAS_SIGMA,
-                                                    FP32_DOT, UPCAST_DOT)
+                s = _frontier_logits(q, K, POS, CENTERS, LOG_COUNT, ids_row, rows, rows_ok, h, H,
+                                     W, start, qk_scale, sig, D, DIM, BLOCK_N, BLOCK_D,
+                                     HAS_SIGMA, FP32_DOT, UPCAST_DOT)
                 lse2 = tl.sum(tl.where((tiles == sub // QROWS)[:, None], lse_all, 0.0), axis=0)
                 colsum += tl.sum(tl.exp2(tl.where(real[:, None], s - lse2[:, None],
                                                   float("-inf"))), axis=0)
-            tl.store(out_row + cols, colsum, mask=cols_ok)
+            cols = start + tl.arange(0, BLOCK_N)
+            tl.store(out_row + cols, colsum, mask=cols < W)
 
 
 @triton.jit
