@@ -8,9 +8,9 @@
 # writes beforehand (carry it with the tree, as bench/base).
 #   bash bench/gpu.sh           # everything
 #   bash bench/gpu.sh tests     # one part: tests, demo, torch, tune, base, triton, model, study,
-#                               # tree, profile, ncu
+#                               # tree, profile, ncu, farfield
 # Step time limits: TESTS_LIMIT, DEMO_LIMIT, TORCH_LIMIT, TUNE_LIMIT, TRITON_LIMIT, TREE_LIMIT,
-# PROFILE_LIMIT (seconds).
+# PROFILE_LIMIT, FARFIELD_LIMIT (seconds).
 # On an H100 (2026-11-23): tests ~270 s, triton ~200 s (TRITON_ARGS="--only compressed": ~45 s),
 # tree ~100 s, profile ~30 s, tune ~280 s (TUNE_ARGS="--only select_blocks": ~60 s); the device
 # tool allows 600 s per call, so split: `bash bench/gpu.sh tests tree`, then
@@ -70,6 +70,11 @@ fi
 step model "${MODEL_LIMIT:-240}" python3 bench/model.py --out "$RESULTS" ${MODEL_ARGS:-}
 # shellcheck disable=SC2086
 step study "${STUDY_LIMIT:-420}" python3 bench/study.py --out "$RESULTS" --runs /tmp/study-runs ${STUDY_ARGS:-}
+# The tree far field against flat NSA, N = 64k ... 16M points (FARFIELD_ARGS: bench/far_field.py's
+# arguments, e.g. "--sizes 65536 262144 1048576" or "--only tree"; not timed on a GPU yet: split
+# the sizes over calls if 600 s do not suffice).
+# shellcheck disable=SC2086
+step farfield "${FARFIELD_LIMIT:-590}" python3 bench/far_field.py --out "$RESULTS" ${FARFIELD_ARGS:-}
 [[ -f bench/tree_gpu.py ]] && step tree "${TREE_LIMIT:-150}" python3 bench/tree_gpu.py --out "$RESULTS"
 step profile "${PROFILE_LIMIT:-120}" python3 bench/tree_profile.py --out "$RESULTS"
 # Nsight Compute counters of the Triton forwards (not part of the default run; NCU_ARGS: the

@@ -37,7 +37,15 @@ def build_all() -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sparseball.backends.triton import _common, ball, compressed, ops, select, selection
+    from sparseball.backends.triton import (
+        _common,
+        ball,
+        compressed,
+        far_field,
+        ops,
+        select,
+        selection,
+    )
 
     types = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
              torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32"}
@@ -63,7 +71,7 @@ def build_all() -> list[dict]:
         alive.append(tensor)
         return tensor
 
-    for module in (_common, ball, compressed, select, selection):
+    for module in (_common, ball, compressed, select, selection, far_field):
         module.new_tensor = recording_new_tensor
 
     class Build:  # stands in for wrap_triton
@@ -115,7 +123,7 @@ def build_all() -> list[dict]:
                 rows[key] = report[-1]
             return launch
 
-    for module in (_common, ball, compressed, select, selection):
+    for module in (_common, ball, compressed, select, selection, far_field):
         module.wrap_triton = Build
     # Clouds of 300 and 100 points have padding; of 256 and 128 none: the attention kernels'
     # variants without the mask (HAS_PADDING false), in bfloat16, the benchmarks' case.
@@ -141,6 +149,16 @@ def build_all() -> list[dict]:
         _common.CONFIG_OVERRIDES.pop("select_blocks")
         indices = torch.arange(2, dtype=torch.int32).expand(M // 64, H, 2).contiguous()
         outs.append(ops.selection_attention(q, k, v, tree, indices, 64, 64, sigma, 0.1))
+        # The tree far field (levels of 32, 64, 128, 256 slots): the descent's importance
+        # kernel with a frontier in one tile (below the top) and in two passes (a tile cap of
+        # 0 forces them), far-field attention forward and backward.
+        levels = tree.levels(32, 2, 2)
+        k_tok, v_tok = (ops.far_field_tokens(x, tree, levels) for x in (k_cmp, v_cmp))
+        for cap in (128, 0):
+            _common.CONFIG_OVERRIDES["far_field"] = {"importance_tile": cap}
+            _, cut = ops.far_field_select(q, k_tok, tree, levels, 64, 2, sigma, 0.1)
+        _common.CONFIG_OVERRIDES.pop("far_field")
+        outs.append(ops.far_field_attention(q, k_tok, v_tok, tree, levels, cut, 64, sigma, 0.1))
         torch.autograd.grad(sum(o.float().sum() for o in outs), (q, k, v, sigma))
     return report
 

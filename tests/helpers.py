@@ -175,8 +175,9 @@ class Problem:
 
 
 @st.composite
-def problems(draw, dtype: torch.dtype, max_cloud_size: int = 130) -> Problem:
-    P = draw(st.sampled_from([4, 8, 16, 32]))
+def problems(draw, dtype: torch.dtype, max_cloud_size: int = 130,
+             ball_sizes: tuple[int, ...] = (4, 8, 16, 32), max_heads: int = 3) -> Problem:
+    P = draw(st.sampled_from(ball_sizes))
     sizes = draw(st.lists(CLOUD_SIZE.filter(lambda n: n <= max_cloud_size), min_size=1,
                           max_size=3))
     if draw(st.booleans()):  # an empty cloud somewhere: offsets repeat, no slots
@@ -186,7 +187,7 @@ def problems(draw, dtype: torch.dtype, max_cloud_size: int = 130) -> Problem:
     dim = draw(st.integers(1, 3))
     tree = draw_tree(draw, sizes, P, dim, draw(st.sampled_from([torch.float32, torch.float64])),
                      rng)
-    heads = draw(st.integers(1, 3))
+    heads = draw(st.integers(1, max_heads))
     head_dim = draw(st.sampled_from([1, 2, 3, 5, 8, 16]))
     scale = draw(st.sampled_from([1 / math.sqrt(head_dim), 0.3, 1.7]))
     return Problem(

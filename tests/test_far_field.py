@@ -35,12 +35,14 @@ dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removepre
 backends = pytest.mark.parametrize("backend", BACKENDS)
 
 
-def _far_field_sizes(data, P):
-    """(c, f, top_blocks, g, top_k): small blocks and tops, so that several levels exist."""
+def _far_field_sizes(data, P, min_group=1):
+    """(c, f, top_blocks, g, top_k): small blocks and tops, so that several levels exist;
+    groups of at least `min_group` (at most P) slots."""
     return (data.draw(powers_of_two(P), label="compress_size"),
             data.draw(st.sampled_from([2, 4]), label="fanout"),
             data.draw(st.integers(1, 5), label="top_blocks"),
-            data.draw(powers_of_two(P), label="group_size"),
+            data.draw(powers_of_two(P).filter(lambda g: g >= min(min_group, P)),
+                      label="group_size"),
             data.draw(st.integers(1, 3), label="top_k"))
 
 
@@ -121,9 +123,15 @@ def test_far_field_tokens(backend, dtype, data):
 @dtypes
 @given(data=st.data())
 def test_far_field_attention(backend, dtype, data):
-    problem = data.draw(problems(dtype))
+    check_far_field_attention(backend, data.draw(problems(dtype)), data)
+
+
+def check_far_field_attention(backend, problem, data, min_group=1):
+    """far_field_attention on `problem`, with the oracle's cut for drawn sizes: output and
+    every gradient against the oracle; an empty cut gives 0."""
+    dtype = problem.dtype
     tree = problem.tree
-    c, f, top, g, top_k = _far_field_sizes(data, tree.ball_size)
+    c, f, top, g, top_k = _far_field_sizes(data, tree.ball_size, min_group)
     levels = tree.levels(c, f, top)
     T, H, D = levels.num_tokens, problem.heads, problem.head_dim
     q, k_tok, v_tok, sigma = (problem.slot_tensor(), problem.randn(T, H, D),
@@ -177,13 +185,17 @@ def _frontiers(selected, cut, levels):
 @dtypes
 @given(data=st.data())
 def test_far_field_select(backend, dtype, data):
+    check_far_field_select(backend, data.draw(problems(dtype)), data)
+
+
+def check_far_field_select(backend, problem, data, min_group=1):
     """The descent is a valid one for the oracle's importances: the frontiers start at the
     cloud's top-level tokens, each level expands a top-k of its frontier (within the rounding
     slack of the compute dtype), the cut and the selected blocks cover the cloud's real slots
     once. In float64 it is exactly the oracle's."""
-    problem = data.draw(problems(dtype))
+    dtype = problem.dtype
     tree = problem.tree
-    c, f, top, g, top_k = _far_field_sizes(data, tree.ball_size)
+    c, f, top, g, top_k = _far_field_sizes(data, tree.ball_size, min_group)
     levels = tree.levels(c, f, top)
     T, H, D = levels.num_tokens, problem.heads, problem.head_dim
     q, k_tok, sigma = problem.slot_tensor(), problem.randn(T, H, D), problem.sigma()
@@ -244,12 +256,16 @@ def test_far_field_select(backend, dtype, data):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @given(data=st.data())
 def test_attention_tree_mixture(backend, dtype, data):
+    check_tree_mixture(backend, data.draw(problems(dtype)), data)
+
+
+def check_tree_mixture(backend, problem, data, min_group=1):
     """`sparseball.attention(far_field="tree")` is the gated sum of far-field attention over
     the descent's cut, selection attention over its selected blocks and ball attention, with
     tokens from `compress(k)`, `compress(v)`: against the oracle, outputs and gradients."""
-    problem = data.draw(problems(dtype))
+    dtype = problem.dtype
     tree = problem.tree
-    c, f, top, g, top_k = _far_field_sizes(data, tree.ball_size)
+    c, f, top, g, top_k = _far_field_sizes(data, tree.ball_size, min_group)
     b = data.draw(powers_of_two(tree.ball_size), label="ball_size")
     q, k, v, sigma = (problem.slot_tensor(), problem.slot_tensor(), problem.slot_tensor(),
                       problem.sigma())
@@ -294,10 +310,13 @@ def test_attention_tree_mixture(backend, dtype, data):
 @backends
 @given(data=st.data())
 def test_padding_never_acts_in_the_tree_far_field(backend, data):
+    check_padding_never_acts_in_the_tree(backend, data.draw(problems(torch.float32)), data)
+
+
+def check_padding_never_acts_in_the_tree(backend, problem, data, min_group=1):
     """NaN in every padding slot of q, k and v changes no real slot's output of the mixture."""
-    problem = data.draw(problems(torch.float32))
     tree = problem.tree
-    c, f, top, g, top_k = _far_field_sizes(data, tree.ball_size)
+    c, f, top, g, top_k = _far_field_sizes(data, tree.ball_size, min_group)
     q, k, v, sigma = (problem.slot_tensor(), problem.slot_tensor(), problem.slot_tensor(),
                       problem.sigma())
 

@@ -39,8 +39,15 @@ from helpers import (
     selection_slack,
     tolerance,
 )
+from helpers import problems as contract_problems
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_far_field import (
+    check_far_field_attention,
+    check_far_field_select,
+    check_padding_never_acts_in_the_tree,
+    check_tree_mixture,
+)
 from test_ops import check_clouds_are_isolated, check_padding_never_acts
 
 import reference.ops as oracle
@@ -571,6 +578,53 @@ def test_backward_keeps_the_output_only_when_it_reads_it(dtype):
         assert all(torch.isfinite(t.grad).all() for t in (q, k, v)), name
 
 
+# The tree far field: test_far_field's checks against the float64 oracle, on small drawn trees
+# (every kernel program runs in Python under the interpreter: a few examples each, ~1 minute in
+# all). The dk/dv kernel's chunks of each token's group list are drawn: one group per chunk,
+# two, or the default (one chunk per token on these trees).
+
+
+def far_field_problem(data, dtype):
+    return data.draw(contract_problems(dtype, max_cloud_size=40, ball_sizes=(4, 8, 16),
+                                       max_heads=2), label="problem")
+
+
+def far_field_chunk(data):
+    chunk = data.draw(st.sampled_from([1, 2, 256]), label="dkv chunk")
+    return launch_override("far_field", chunk=chunk)
+
+
+@dtypes
+@settings(max_examples=3, deadline=None)
+@given(data=st.data())
+def test_far_field_attention(dtype, data):
+    problem = far_field_problem(data, dtype)
+    with far_field_chunk(data):
+        check_far_field_attention("triton", problem, data, min_group=2)
+
+
+@settings(max_examples=5, deadline=None)
+@given(data=st.data())
+def test_far_field_select(data):
+    problem = far_field_problem(data, data.draw(st.sampled_from(DTYPES), label="dtype"))
+    check_far_field_select("triton", problem, data, min_group=2)
+
+
+@settings(max_examples=3, deadline=None)
+@given(data=st.data())
+def test_attention_tree_mixture(data):
+    problem = far_field_problem(data, torch.float32)
+    with far_field_chunk(data):
+        check_tree_mixture("triton", problem, data, min_group=2)
+
+
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_padding_never_acts_in_the_tree_far_field(data):
+    check_padding_never_acts_in_the_tree("triton", far_field_problem(data, torch.float32), data,
+                                         min_group=2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_attention_mixture_matches_torch_backend(dtype):
     """`sparseball.attention` (every op, through the public API) agrees with the torch
@@ -603,7 +657,7 @@ def test_attention_mixture_matches_torch_backend(dtype):
 def test_public_dispatch(monkeypatch):
     """The backend table lists every op; on the CPU it serves only under the interpreter."""
     table = sparseball.BACKENDS["triton"]
-    assert set(table.ops) == set(sparseball.backends.FLAT_OPS)
+    assert set(table.ops) == set(sparseball.backends.OPS)
     cpu = torch.device("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert table.not_supported_reasons("ball_attention", cpu, torch.float32, 64) == []
@@ -615,13 +669,16 @@ def test_public_dispatch(monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="test_compile_fullgraph runs the real thing on the GPU")
-@pytest.mark.parametrize("sizes", [[50, 20], [48, 16]], ids=["padded", "no_padding"])
-def test_compile_traces_fullgraph(sizes):
+@pytest.mark.parametrize(("sizes", "far_field"), [([50, 20], "flat"), ([48, 16], "flat"),
+                                               ([50, 20], "tree")],
+                         ids=["padded", "no_padding", "tree"])
+def test_compile_traces_fullgraph(sizes, far_field):
     """`torch.compile(sparseball.attention, fullgraph=True)` traces forward and backward into
     one graph of `sparseball_triton` ops: kernels built for a GPU target (no GPU needed to
     trace), the graph compiled with AOT autograd. Running it needs a GPU, so the run fails
     after tracing; what counts is that tracing raised no graph break. Clouds that fill their
-    slots pass the ops no mask (None), a graph of its own."""
+    slots pass the ops no mask (None), a graph of its own; the tree far field traces its
+    descent (torch ops around one importance kernel per level) into the same graph."""
     script = textwrap.dedent("""
         import os, sys
         import numpy as np, torch, triton
@@ -644,9 +701,13 @@ def test_compile_traces_fullgraph(sizes):
         tree = random_tree(SIZES, 16, 3, torch.float32, np.random.default_rng(0))
         q, k, v = (torch.randn(tree.num_slots, 2, 16, requires_grad=True) for _ in range(3))
         sigma = torch.randn(2, requires_grad=True)
+        # The level layout is built on the host, with numpy, and cached with the tree: built
+        # inside the traced function it breaks the graph, so it is built before.
+        tree.levels(4, 2, 4)
         def f(q, k, v, sigma):
             return sparseball.attention(q, k, v, tree, sigma=sigma, top_k=2, compress_size=4,
-                                        select_size=4, group_size=8, backend="triton")
+                                        select_size=4, group_size=8, backend="triton",
+                                        far_field="FAR_FIELD", fanout=2, top_blocks=4)
         compiled = torch.compile(f, fullgraph=True,
                                  backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
         try:
@@ -659,7 +720,7 @@ def test_compile_traces_fullgraph(sizes):
         launches = graphs[0].code.count("triton_kernel_wrapper_functional(")
         assert launches >= 6, launches  # compress x2, compressed, select, selection, ball
         print("TRACED", launches)
-    """).replace("SIZES", repr(sizes))
+    """).replace("SIZES", repr(sizes)).replace("FAR_FIELD", far_field)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -791,6 +852,93 @@ def test_large_against_torch_backend(dtype, points, clouds, head_dim, seed, no_p
 
 @pytest.mark.gpu
 @dtypes
+@settings(max_examples=2, deadline=None)
+@given(points=st.integers(20_000, 1 << 19), clouds=st.integers(1, 4),
+       head_dim=st.sampled_from([32, 64]), seed=st.integers(0, 2**31))
+def test_far_field_large_against_torch_backend(dtype, points, clouds, head_dim, seed):
+    """The tree far field on up to 512k points (top_blocks 32: three levels and more) against
+    the torch backend: far_field_attention's output and every gradient for the torch
+    backend's cut, and the descent's importance kernel on each group's top-level frontier
+    (the descent around it is the same code on both backends), within twice
+    `helpers.selection_slack` of each other."""
+    from sparseball.backends.descent import top_frontier
+    from sparseball.backends.triton.far_field import frontier_importance_op
+
+    if torch_ops is None:
+        pytest.skip("the torch backend is not available")
+    rng = np.random.default_rng(seed)
+    sizes = np.maximum(1, rng.multinomial(points, np.ones(clouds) / clouds)).tolist()
+    tree = random_tree(sizes, 128, 3, torch.float32, rng)
+    problem = Problem(tree, 8, head_dim, dtype, 1 / math.sqrt(head_dim), True, seed,
+                      device="cuda")
+    tree, scale, sigma = problem.tree, problem.scale, problem.sigma_value
+    M, H, D = tree.num_slots, problem.heads, head_dim
+    c, g, top_k, fanout, top = 64, 64, 16, 4, 32
+    levels = tree.levels(c, fanout, top)
+    q, k, v, grad_out = problem.slots(), problem.slots(), problem.slots(), problem.slots()
+    k_tok = torch_ops.far_field_tokens(torch_ops.compress(k, tree, c), tree, levels)
+    v_tok = torch_ops.far_field_tokens(torch_ops.compress(v, tree, c), tree, levels)
+    _, cut = torch_ops.far_field_select(q, k_tok, tree, levels, g, top_k, sigma, scale)
+    size = _gpu_magnitudes(problem, q, k_tok, v_tok, grad_out, sigma)
+    extra = math.log(max(int(levels.count.max()), 1))  # the log-count term of the logits
+    factor = (1 + size["logits"] + extra) / (1 + size["logits"])
+    size = {name: value * factor for name, value in size.items()}
+
+    results = []
+    for module in (triton_ops, torch_ops):
+        inputs = leaves(q, k_tok, v_tok, sigma)
+        out = module.far_field_attention(*inputs[:3], tree, levels, cut, g, inputs[3], scale)
+        results.append([out, *grads(out, inputs, grad_out)])
+    W = max(cut.shape[-1], 1)
+    for name, got, want, n in zip(["out", "q", "k", "v", "sigma"], *results,
+                                  [W, W, M, M, M * W], strict=True):
+        _against_torch_backend(f"far_field_attention/{name}", got, want, n, size[name])
+
+    frontier = top_frontier(levels, tree.slot_cloud[::g], H)
+    valid = (frontier >= 0) & (levels.count > 0)[frontier.clamp(min=0)]
+    ids = torch.where(valid, frontier, -1).to(torch.int32).contiguous()
+    ours = frontier_importance_op(
+        q, k_tok, tree.pos.float().contiguous(), levels.center.float().contiguous(),
+        torch.log(levels.count.clamp(min=1).float()), tree.mask.to(torch.uint8), ids, sigma, g,
+        scale)
+    table = torch_ops._TokenTable(k_tok, None, levels, sigma, torch.float32)
+    theirs = torch_ops._FrontierImportance(q, tree.mask, tree.pos, table, g, scale)(frontier,
+                                                                                     valid)
+    logits = size["logits"] + extra
+    slack = selection_slack(theirs.double(), g, logits, logits + math.log(ids.shape[-1]), D)
+    error = (ours.double() - theirs.double()).abs()
+    worst = float((error / (2 * slack)).masked_fill(~valid, 0).max())
+    assert worst <= 1, f"frontier importance: worst error / bound {worst:.3g}"
+
+    selected, ours_cut = triton_ops.far_field_select(q, k_tok, tree, levels, g, top_k, sigma,
+                                                     scale)
+    for name, rows in (("selected", selected), ("cut", ours_cut)):
+        assert ((rows[..., 1:] > rows[..., :-1]) | (rows[..., 1:] == -1)).all(), name
+    # Near-ties may be ordered differently in float32: the cuts agree almost everywhere.
+    agree = (ours_cut == cut).all(-1).float().mean()
+    assert float(agree) > 0.95, f"cuts agree in {float(agree):.3f} of the rows only"
+
+
+@pytest.mark.gpu
+@dtypes
+def test_far_field_backward_is_deterministic(dtype):
+    problem = fixed_problem([300_000, 5000], 128, dtype, heads=4, head_dim=64, device="cuda")
+    tree = problem.tree
+    q, k, v = problem.slots(), problem.slots(), problem.slots()
+    sigma = problem.sigma_value
+    grad_out = problem.slots()
+    runs = []
+    for _ in range(2):
+        tensors = leaves(q, k, v, sigma)
+        out = sparseball.attention(*tensors[:3], tree, sigma=tensors[3], backend="triton",
+                                   far_field="tree", top_blocks=64)
+        runs.append([out, *grads(out, tensors, grad_out)])
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.gpu
+@dtypes
 def test_backward_is_deterministic(dtype):
     problem = fixed_problem([300_000, 5000], 128, dtype, heads=4, head_dim=64, device="cuda")
     tree = problem.tree
@@ -844,10 +992,11 @@ def fused_difference_bound(terms, roundings, dtype, summed=1):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("backend", "sizes"), [("triton", [40_000, 3000]), ("auto", [40_000, 3000]),
-                                              ("triton", [40_960, 2944])],
-                         ids=["triton", "auto", "triton-no_padding"])
-def test_compile_fullgraph(backend, sizes):
+@pytest.mark.parametrize(("backend", "sizes", "far_field"),
+                         [("triton", [40_000, 3000], "flat"), ("auto", [40_000, 3000], "flat"),
+                          ("triton", [40_960, 2944], "flat"), ("triton", [40_000, 3000], "tree")],
+                         ids=["triton", "auto", "triton-no_padding", "triton-tree"])
+def test_compile_fullgraph(backend, sizes, far_field):
     """torch.compile(sparseball.attention, fullgraph=True): forward and backward, the same
     results as eager up to rounding; "auto" (the default) picks triton for CUDA tensors,
     through the same table. Clouds that fill their slots (multiples of 128 points) pass the
@@ -872,8 +1021,11 @@ def test_compile_fullgraph(backend, sizes):
     inputs = leaves(problem.slots(), problem.slots(), problem.slots(), problem.sigma_value, gates)
     grad_out = problem.slots()
 
+    tree.levels(64, 4, 256)  # built on the host before tracing (numpy breaks the graph)
+
     def run(q, k, v, sigma, gates):
-        return sparseball.attention(q, k, v, tree, gates=gates, sigma=sigma, backend=backend)
+        return sparseball.attention(q, k, v, tree, gates=gates, sigma=sigma, backend=backend,
+                                    far_field=far_field)
 
     eager_leaves = leaves(*inputs)
     eager = run(*eager_leaves)

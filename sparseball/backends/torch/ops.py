@@ -19,6 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ...tree.levels import sum_children
+from ..descent import descend, group_chunks, top_frontier
 
 __all__ = [
     "compress",
@@ -223,15 +224,15 @@ def far_field_select(q: torch.Tensor, k_tok: torch.Tensor, tree, levels, group_s
     M, H, _ = q.shape
     compute = _compute_dtype(q.dtype)
     tokens = _TokenTable(k_tok, None, levels, sigma, compute)
-    widest = max(levels.max_top, K * levels.fanout, 1)
-    groups = max(1, CHUNK_ELEMENTS // (H * widest * (g + tree.dim + k_tok.shape[-1])))
     group_cloud = tree.slot_cloud[::g]
     selected, cut = [], []
-    for g0 in range(0, M // g, groups):
-        g1 = min(M // g, g0 + groups)
+    for g0, g1 in group_chunks(M // g, H, levels, K, g + tree.dim + k_tok.shape[-1],
+                               CHUNK_ELEMENTS):
         rows = slice(g0 * g, g1 * g)
-        sel, left = _descend(q[rows], tree.mask[rows], tree.pos[rows], group_cloud[g0:g1],
-                             tokens, levels, g, K, scale)
+        importance = _FrontierImportance(q[rows], tree.mask[rows], tree.pos[rows], tokens, g,
+                                         scale)
+        sel, left = descend(top_frontier(levels, group_cloud[g0:g1], H), tokens.real, levels,
+                            K, importance)
         selected.append(sel)
         cut.append(left)
     return torch.cat(selected), torch.cat(cut)
@@ -286,48 +287,26 @@ class _TokenTable:
         return logits
 
 
-def _descend(q, mask, pos, group_cloud, tokens, levels, g, K, scale):
-    """`far_field_select` for the groups of one chunk: `q` `(G*g, H, D)`."""
-    rows, H, D = q.shape
-    G = rows // g
-    q_g = (q.to(tokens.keys.dtype) * scale).view(G, g, H, D).transpose(1, 2)    # (G, H, g, D)
-    q_pos = pos.to(tokens.keys.dtype)
-    real_query = mask.view(G, 1, g, 1)
-    frontier = levels.top_tokens[group_cloud][:, None, :].expand(G, H, -1)
-    left = []
-    for level in range(levels.top_level, -1, -1):
-        valid = (frontier >= 0) & tokens.real[frontier.clamp(min=0)]
-        logits = tokens.logits(q_g, q_pos, frontier.clamp(min=0))
+class _FrontierImportance:
+    """The importance of `descend` for the groups of one chunk, `q` `(G*g, H, D)`: logits of
+    the gathered frontier tokens, their log-sum-exp, the probabilities summed over the real
+    queries, in the compute dtype."""
+
+    def __init__(self, q, mask, pos, tokens, g, scale):
+        rows, H, D = q.shape
+        G = rows // g
+        self.q_g = (q.to(tokens.keys.dtype) * scale).view(G, g, H, D).transpose(1, 2)
+        self.q_pos = pos.to(tokens.keys.dtype)
+        self.real_query = mask.view(G, 1, g, 1)
+        self.tokens = tokens
+
+    def __call__(self, frontier, valid):
+        logits = self.tokens.logits(self.q_g, self.q_pos, frontier.clamp(min=0))
         logits = logits.masked_fill(~valid[:, :, None, :], -math.inf)
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        prob = torch.where(valid[:, :, None, :] & real_query,
+        prob = torch.where(valid[:, :, None, :] & self.real_query,
                            torch.exp(logits - lse.masked_fill(lse == -math.inf, 0)), 0)
-        importance = prob.sum(2).masked_fill(~valid, -math.inf)                 # (G, H, W)
-        # A stable sort keeps equal importances in frontier order, which is ascending token
-        # order: ties go to the lower token number.
-        order = torch.sort(importance, dim=-1, descending=True, stable=True).indices[..., :K]
-        kept = valid.gather(-1, order)
-        expanded = torch.zeros_like(valid).scatter_(-1, order, kept)
-        left.append(torch.where(valid & ~expanded, frontier, -1))
-        # The expanded tokens in ascending order, -1 after.
-        big = levels.num_tokens
-        chosen = torch.sort(torch.where(kept, frontier.gather(-1, order), big), dim=-1).values
-        chosen = torch.where(chosen < big, chosen, -1)
-        if level == 0:
-            selected = chosen
-            break
-        children = levels.children[level - 1]
-        local = (chosen - levels.level_start[level]).clamp(min=0)
-        frontier = torch.where(chosen[..., None] >= 0, children[local], -1).flatten(2)
-    if selected.shape[-1] < K:
-        selected = torch.nn.functional.pad(selected, (0, K - selected.shape[-1]), value=-1)
-    width = levels.max_cut(K)
-    cut = torch.cat(left, dim=-1)
-    cut = torch.sort(torch.where(cut >= 0, cut, levels.num_tokens), dim=-1).values[..., :width]
-    cut = torch.where(cut < levels.num_tokens, cut, -1)
-    if cut.shape[-1] < width:
-        cut = torch.nn.functional.pad(cut, (0, width - cut.shape[-1]), value=-1)
-    return selected.to(torch.int32), cut.to(torch.int32)
+        return prob.sum(2)                                                      # (G, H, W)
 
 
 # Chunk bodies: each sees only its own slice of queries, so its memory is bounded by the budget.

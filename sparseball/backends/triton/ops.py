@@ -2,6 +2,8 @@
 
 They unpack the BallTree into tensors and ints and call the `sparseball_triton::*` ops, which
 carry their own autograd, so `torch.compile(..., fullgraph=True)` sees one op per call.
+`far_field_tokens` is the torch backend's (gathers and sums, no kernel); `far_field_select` runs
+the shared descent (`sparseball.backends.descent`) with a kernel for each level's importance.
 """
 
 from __future__ import annotations
@@ -11,11 +13,17 @@ import math
 import torch
 
 from ...tree import BallTree
+from ..descent import descend, group_chunks, top_frontier
+from ..torch.ops import far_field_tokens  # a few gathers and sums per level: no kernel
 from ._common import cloud_ranges
 from .ball import ball_attention_op
 from .compressed import compress_op, compressed_attention_op
+from .far_field import far_field_attention_op, frontier_importance_op
 from .select import select_blocks_op
 from .selection import selection_attention_op
+
+__all__ = ["compress", "ball_attention", "compressed_attention", "select_blocks",
+           "selection_attention", "far_field_tokens", "far_field_select", "far_field_attention"]
 
 
 def _pos(tree: BallTree) -> torch.Tensor:
@@ -111,3 +119,58 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, tree:
             _block_real(tree, compress_size), _block_real(tree, select_size), cloud_lo, cloud_hi,
             None if sigma is None else sigma.detach().contiguous(), unit, compress_size,
             select_size, group_size, top_k, exclude, scale)
+
+
+# The tree far field (docs/contract.md, section 3.1)
+
+# The descent of far_field_select runs in chunks of groups holding about this many frontier
+# entries (groups x heads x widest frontier): its torch ops (sorts, gathers) keep a few int64
+# and float32 tensors of that size alive, ~2 GiB at 2^26.
+SELECT_CHUNK_ELEMENTS = 1 << 26
+
+
+def _token_terms(levels) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 token centers `[T, dim]` and the logits' log counts `[T]` (log 1 = 0 for a
+    token without a real slot)."""
+    log_count = torch.log(levels.count.clamp(min=1).to(torch.float32))
+    return levels.center.to(torch.float32).contiguous(), log_count
+
+
+def far_field_select(q: torch.Tensor, k_tok: torch.Tensor, tree: BallTree, levels,
+                     group_size: int, top_k: int, sigma: torch.Tensor | None,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    g = group_size
+    M, H, _ = q.shape
+    with torch.no_grad():
+        q, k_tok = q.detach().contiguous(), k_tok.detach().contiguous()
+        sig = None if sigma is None else sigma.detach().contiguous()
+        pos, mask = _pos(tree), _mask(tree)
+        centers, log_count = _token_terms(levels)
+        real = levels.count > 0
+        group_cloud = tree.slot_cloud[::g]
+        selected, cut = [], []
+        for g0, g1 in group_chunks(M // g, H, levels, top_k, 1, SELECT_CHUNK_ELEMENTS):
+            rows = slice(g0 * g, g1 * g)
+
+            def importance(frontier, valid, rows=rows):
+                ids = torch.where(valid, frontier, -1).to(torch.int32).contiguous()
+                return frontier_importance_op(q[rows], k_tok, pos[rows], centers, log_count,
+                                              mask[rows], ids, sig, g, scale)
+
+            sel, left = descend(top_frontier(levels, group_cloud[g0:g1], H), real, levels,
+                                top_k, importance)
+            selected.append(sel)
+            cut.append(left)
+        return torch.cat(selected), torch.cat(cut)
+
+
+def far_field_attention(q: torch.Tensor, k_tok: torch.Tensor, v_tok: torch.Tensor,
+                        tree: BallTree, levels, cut: torch.Tensor, group_size: int,
+                        sigma: torch.Tensor | None, scale: float) -> torch.Tensor:
+    if cut.shape[-1] == 0:  # no cloud is large enough to leave a cut: one empty column
+        cut = torch.full((*cut.shape[:2], 1), -1, dtype=torch.int32, device=cut.device)
+    centers, log_count = _token_terms(levels)
+    out, _ = far_field_attention_op(
+        q.contiguous(), k_tok.contiguous(), v_tok.contiguous(), _pos(tree), centers, log_count,
+        cut.to(torch.int32).contiguous(), _sigma(sigma), group_size, scale)
+    return out
