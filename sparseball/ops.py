@@ -275,7 +275,8 @@ def far_field_attention(q: torch.Tensor, k_tok: torch.Tensor, v_tok: torch.Tenso
         v_tok (torch.Tensor): `[T, H, D]` value tokens.
         tree (BallTree): the tree q is laid out by.
         cut (torch.Tensor): int32 `[M / group_size, H, W]` token numbers (as from
-            `far_field_select`): distinct per row, of tokens in the group's cloud, -1 for none.
+            `far_field_select`): distinct per row, of tokens with a real slot in the group's
+            cloud, -1 for none.
         compress_size (int): c, the slots of a level-0 block.
         group_size (int): queries of an aligned `group_size`-block share one cut.
         fanout (int): f, the children of a block.
@@ -403,10 +404,11 @@ def _check_cut(cut: object, q: torch.Tensor, tree: BallTree, levels, group_size:
         output_size=T)
     group_cloud = tree.slot_cloud[::group_size]
     other_cloud = (cut >= 0) & (token_cloud[cut.clamp(0, T - 1).long()] != group_cloud[:, None, None])
+    empty = (cut >= 0) & (levels.count[cut.clamp(0, T - 1).long()] == 0)
     ordered = cut.sort(dim=-1).values
     repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
     problems = torch.stack([(cut < -1).any() | (cut >= T).any(), other_cloud.any(),
-                            repeated.any()]).tolist()  # one device sync for all three
+                            repeated.any(), empty.any()]).tolist()  # one device sync for all
     if problems[0]:
         raise ValueError(f"cut must hold token numbers in [0, T) = [0, {T}) or -1, got values in "
                          f"[{int(cut.min())}, {int(cut.max())}]")
@@ -414,3 +416,6 @@ def _check_cut(cut: object, q: torch.Tensor, tree: BallTree, levels, group_size:
         raise ValueError("cut must hold tokens of the group's own cloud")
     if problems[2]:
         raise ValueError("cut must not repeat a token within one row (group, head)")
+    if problems[3]:
+        raise ValueError("cut must hold tokens with a real slot (tree.levels(...).count > 0), "
+                         "as far_field_select leaves them")

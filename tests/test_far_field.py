@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import (
@@ -22,6 +23,7 @@ from helpers import (
     leaves,
     powers_of_two,
     problems,
+    random_tree,
     selection_slack,
 )
 from hypothesis import given
@@ -389,3 +391,17 @@ def test_levels_are_cached_and_need_no_sync():
     tree, _ = _small()
     assert tree.levels(4, 2, 4) is tree.levels(4, 2, 4)
     assert tree.levels(4, 4, 4) is not tree.levels(4, 2, 4)
+
+
+def test_far_field_attention_rejects_tokens_without_a_real_slot():
+    """A cut holds only tokens that stand for points (as the descent leaves it): a padding-only
+    block in it is an error, not a key of count 0."""
+    tree = random_tree([5], 16, 3, torch.float32, np.random.default_rng(0))  # 11 padding slots
+    levels = tree.levels(1, 2, 16)
+    q = torch.randn(tree.num_slots, 1, 4)
+    k_tok = torch.randn(levels.num_tokens, 1, 4)
+    cut = torch.full((tree.num_slots // 16, 1, 1), -1, dtype=torch.int32)
+    cut[0, 0, 0] = int(torch.nonzero(levels.count == 0)[0])
+    with pytest.raises(ValueError, match="cut must hold tokens with a real slot"):
+        sparseball.ops.far_field_attention(q, k_tok, k_tok, tree, cut, 1, 16, 2, 16)
+
