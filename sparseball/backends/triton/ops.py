@@ -11,7 +11,7 @@ import math
 import torch
 
 from ...tree import BallTree
-from ._common import cloud_ranges
+from .._layout import cloud_ranges
 from .ball import ball_attention_op
 from .compressed import compress_op, compressed_attention_op
 from .select import select_blocks_op
