@@ -106,7 +106,7 @@ BACKENDS: dict[str, Backend] = {
             module="sparseball.backends.cupy.ops",
             devices=("cuda",),
             dtypes=_HALF_AND_SINGLE,
-            ops=OPS,
+            ops=FLAT_OPS,
             requires=("cupy",),
             max_head_dim=128,
             # Checked on the CPU only (tests/test_cupy_emu.py), not yet on a GPU.
