@@ -69,7 +69,7 @@ ROOT = pathlib.Path(__file__).resolve().parent
 
 # Run by the installed copy, from outside the checkout: it must be the one imported, know its
 # version, leave `reference` (the tests' oracle) behind, and find the CUDA sources that CuPy
-# compiles, without CuPy.
+# compiles (the tree builder's, the attention backend's), without CuPy.
 CHECK_INSTALLED = """
 import importlib.metadata, importlib.util, pathlib, sys, sysconfig
 import sparseball
@@ -80,6 +80,9 @@ assert importlib.metadata.version("sparseball") == sparseball.__version__
 assert importlib.util.find_spec("reference") is None, "a top-level `reference` is installed"
 assert cupy_builder.KERNEL_FILE.is_file(), cupy_builder.KERNEL_FILE
 assert "sb_subtree" in cupy_builder.cuda_sources()["balltree.cu"]
+from sparseball.backends.cupy import ops as cupy_ops, source as cupy_source
+assert cupy_source.KERNEL_FILE.is_file(), cupy_source.KERNEL_FILE
+assert "sb_select_blocks" in cupy_source.KERNEL_FILE.read_text()
 assert "cupy" not in sys.modules
 print("installed:", sparseball.__version__, "at", pathlib.Path(sparseball.__file__).parent)
 """

@@ -8,9 +8,12 @@ dynamic shared memory is a buffer per launch, and `__dmul_rn`/`__dadd_rn` are pl
 operations (compiled with -ffp-contract=off). A thread that returns early leaves the barrier,
 as an exited CUDA thread does.
 
-`EmuModule(path, block=..., items=...)` mimics `cupy.RawModule`: `get_function(name)` returns a
-callable `(grid, block, args, shared_mem=0)` taking numpy arrays and numpy scalars (np.int32 ->
-int, np.int64 -> long long, float -> double), as a cupy.RawKernel takes cupy arrays.
+`EmuModule(path, block=..., items=..., name_expressions=...)` mimics `cupy.RawModule`:
+`get_function(name)` returns a callable `(grid, block, args, shared_mem=0)` taking numpy arrays
+and numpy scalars (np.int32 -> int, np.int64 -> long long, np.float32 -> float, float ->
+double), as a cupy.RawKernel takes cupy arrays. `name` is an `extern "C"` kernel's name or one
+of `name_expressions` (template instantiations such as `"sb_ball_fwd<float, 64, 64, 64>"`,
+wrapped as RawModule's name expressions are).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import tempfile
 import numpy as np
 
 PRELUDE = r"""
+#include <cmath>
 #include <condition_variable>
 #include <cstddef>
 #include <cstring>
@@ -76,6 +80,7 @@ inline void __syncwarp(unsigned = 0xffffffffu) { sb_emu_block_barrier.wait(); }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, sizeof u); return u; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, sizeof f); return f; }
 
 template <class... A, std::size_t... I>
 static void sb_emu_call(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
@@ -119,20 +124,25 @@ def available() -> bool:
 class EmuModule:
     """A `cupy.RawModule` look-alike running `path` (a .cu file) on the CPU."""
 
-    def __init__(self, path: pathlib.Path, *, block: int, items: int):
+    def __init__(self, path: pathlib.Path, *, block: int | None = None, items: int | None = None,
+                 name_expressions=()):
         source = pathlib.Path(path).read_text()
-        self.names = _KERNEL_RE.findall(source)
+        # Symbol of each launchable name: extern "C" kernels by name, instantiations by index.
+        self._symbols = {name: name for name in _KERNEL_RE.findall(source)}
+        self._symbols.update({expr: f"expr{i}" for i, expr in enumerate(name_expressions)})
+        self.names = list(self._symbols)
         wrappers = "".join(
-            f'extern "C" __attribute__((visibility("default"))) void emu_{name}('
+            f'extern "C" __attribute__((visibility("default"))) void emu_{symbol}('
             f"unsigned gx, unsigned gy, unsigned bx, unsigned long long smem, void** args) "
             f"{{ sb_emu_launch({name}, gx, gy, bx, smem, args); }}\n"
-            for name in self.names
+            for name, symbol in self._symbols.items()
         )
         # Hidden symbols and no STB_GNU_UNIQUE: several builds of one source (other launch
         # shapes) live in one process, and their shared-memory statics must not merge.
         flags = ["-std=c++20", "-O1", "-pthread", "-fPIC", "-shared", "-ffp-contract=off",
-                 "-fvisibility=hidden", "-fno-gnu-unique",
-                 f"-DSB_BLOCK={block}", f"-DSB_ITEMS={items}"]
+                 "-fvisibility=hidden", "-fno-gnu-unique", "-Wno-unknown-pragmas"]
+        flags += [] if block is None else [f"-DSB_BLOCK={block}"]
+        flags += [] if items is None else [f"-DSB_ITEMS={items}"]
         code = PRELUDE + "\n" + source + "\n" + wrappers
         digest = hashlib.sha256((code + " ".join(flags)).encode()).hexdigest()[:16]
         build_dir = pathlib.Path(tempfile.gettempdir()) / "sparseball_cuda_emu"
@@ -142,21 +152,24 @@ class EmuModule:
             src = build_dir / f"emu_{digest}.cpp"
             src.write_text(code)
             tmp = build_dir / f"emu_{digest}.{id(self)}.so"
-            subprocess.run(["g++", *flags, "-o", str(tmp), str(src)], check=True,
-                           capture_output=True, text=True)
+            result = subprocess.run(["g++", *flags, "-o", str(tmp), str(src)],
+                                    capture_output=True, text=True)
+            if result.returncode:
+                raise RuntimeError(f"g++ failed on {path}:\n{result.stderr[-20000:]}")
             tmp.replace(lib)
         self._lib = ctypes.CDLL(str(lib))
         self.block = block
 
     def get_function(self, name: str):
-        fn = getattr(self._lib, f"emu_{name}")
+        fn = getattr(self._lib, f"emu_{self._symbols[name]}")
         fn.restype = None
         fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong,
                        ctypes.POINTER(ctypes.c_void_p)]
 
         def launch(grid, block, args, shared_mem=0):
             grid = tuple(grid) + (1,) * (2 - len(grid))
-            assert block[0] == self.block, "launch with the block size the module was built for"
+            assert self.block is None or block[0] == self.block, \
+                "launch with the block size the module was built for"
             keep = [_arg(a) for a in args]
             pointers = [ctypes.cast(ctypes.pointer(k), ctypes.c_void_p) for k in keep]
             argv = (ctypes.c_void_p * len(keep))(*pointers)
@@ -173,6 +186,8 @@ def _arg(a):
         return ctypes.c_int32(int(a))
     if isinstance(a, np.int64):
         return ctypes.c_int64(int(a))
+    if isinstance(a, np.float32):
+        return ctypes.c_float(float(a))
     if isinstance(a, (float, np.float64)):
         return ctypes.c_double(float(a))
     raise TypeError(f"unsupported kernel argument {type(a).__name__}")

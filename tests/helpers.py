@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -16,7 +17,10 @@ from sparseball.tree import BallTree
 
 # Backends under test. Tests call ops through `call`, i.e. the public API forced to one backend;
 # every op takes the same positional arguments and tests always pass `sigma` and `scale`.
-BACKENDS = ("torch",)
+# CuPy serves CUDA tensors only: test_ops.py runs it where CuPy imports and a GPU is present (its
+# CPU-tensor tests skip it; test_cupy_emu.py runs its kernels on the CPU instead).
+BACKENDS = ("torch", *(("cupy",) if importlib.util.find_spec("cupy") and torch.cuda.is_available()
+                       else ()))
 
 # Where each backend keeps its chunk budget (tests shrink it to exercise chunking).
 CHUNK_BUDGETS = {"torch": (torch_ops, "CHUNK_ELEMENTS")}

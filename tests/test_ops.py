@@ -38,6 +38,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reference.ops as oracle
+import sparseball
 import sparseball.backends.torch.ops as torch_ops
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS)
@@ -68,6 +69,15 @@ def _selection_sizes(data, P):
     return compress_size, select_size, group_size
 
 
+def skip_unsupported(backend, device, dtype=torch.float32):
+    """Skip a test of `backend` on inputs it does not serve (CuPy: CPU tensors, float64; its
+    kernels are checked on the CPU by test_cupy_emu.py instead)."""
+    reasons = sparseball.BACKENDS[backend].not_supported_reasons(
+        "ball_attention", torch.device(device), dtype, 16)
+    if reasons:
+        pytest.skip(f"backend {backend!r}: " + "; ".join(reasons))
+
+
 def _assert_empty_rows_zero(out, allowed, name):
     """Queries without any key get exactly 0 (`allowed` `(M, H or 1, keys)`)."""
     out = out.detach().cpu()
@@ -82,6 +92,12 @@ def _assert_empty_rows_zero(out, allowed, name):
 @dtypes
 @given(data=st.data())
 def test_compress(backend, device, dtype, data):
+    skip_unsupported(backend, device, dtype)
+    check_compress(backend, device, dtype, data)
+
+
+def check_compress(backend, device, dtype, data):
+    """`test_compress` for `backend` (also run by test_cupy_emu.py)."""
     problem = data.draw(problems(dtype))
     tree = problem.tree
     c = data.draw(powers_of_two(tree.ball_size), label="compress_size")
@@ -103,6 +119,12 @@ def test_compress(backend, device, dtype, data):
 @dtypes
 @given(data=st.data())
 def test_ball_attention(backend, device, dtype, data):
+    skip_unsupported(backend, device, dtype)
+    check_ball_attention(backend, device, dtype, data)
+
+
+def check_ball_attention(backend, device, dtype, data):
+    """`test_ball_attention` for `backend` (also run by test_cupy_emu.py)."""
     problem = data.draw(problems(dtype))
     tree = problem.tree
     b = data.draw(powers_of_two(tree.ball_size), label="ball_size")
@@ -132,6 +154,12 @@ def test_ball_attention(backend, device, dtype, data):
 @dtypes
 @given(data=st.data())
 def test_compressed_attention(backend, device, dtype, data):
+    skip_unsupported(backend, device, dtype)
+    check_compressed_attention(backend, device, dtype, data)
+
+
+def check_compressed_attention(backend, device, dtype, data):
+    """`test_compressed_attention` for `backend` (also run by test_cupy_emu.py)."""
     problem = data.draw(problems(dtype))
     tree = problem.tree
     c = data.draw(powers_of_two(tree.ball_size), label="compress_size")
@@ -166,6 +194,12 @@ def test_compressed_attention(backend, device, dtype, data):
 @dtypes
 @given(data=st.data())
 def test_selection_attention(backend, device, dtype, data):
+    skip_unsupported(backend, device, dtype)
+    check_selection_attention(backend, device, dtype, data)
+
+
+def check_selection_attention(backend, device, dtype, data):
+    """`test_selection_attention` for `backend` (also run by test_cupy_emu.py)."""
     problem = data.draw(problems(dtype))
     tree = problem.tree
     _, s, g = _selection_sizes(data, tree.ball_size)
@@ -202,6 +236,12 @@ def test_selection_attention(backend, device, dtype, data):
 @given(data=st.data())
 def test_select_blocks(backend, device, dtype, data):
     """A valid top-k of the oracle's importances; in float64 exactly the oracle's choice."""
+    skip_unsupported(backend, device, dtype)
+    check_select_blocks(backend, device, dtype, data)
+
+
+def check_select_blocks(backend, device, dtype, data):
+    """`test_select_blocks` for `backend` (also run by test_cupy_emu.py)."""
     problem = data.draw(problems(dtype))
     tree = problem.tree
     P = tree.ball_size
@@ -323,6 +363,7 @@ def test_padding_never_acts(backend, data):
     """Whatever padding slots (and compressed blocks without a real slot) hold, even NaN, the
     outputs of real slots (and all of compress and select_blocks) stay the same bit for bit;
     with finite padding, so do the gradients of real slots, and padding keys get no gradient."""
+    skip_unsupported(backend, "cpu")
     check_padding_never_acts(backend, data, DTYPES)
 
 
@@ -404,6 +445,7 @@ def _nonempty_clouds(tree):
 @given(data=st.data())
 def test_clouds_are_isolated(backend, data):
     """Changing every other cloud's inputs changes none of one cloud's outputs or gradients."""
+    skip_unsupported(backend, "cpu")
     check_clouds_are_isolated(backend, data, DTYPES)
 
 
@@ -461,6 +503,7 @@ def check_clouds_are_isolated(backend, data, dtypes, max_cloud_size=70):
 @pytest.mark.parametrize("budget", [100, None])
 def test_gradcheck(backend, budget):
     """Finite differences agree with autograd in float64 for every differentiable op."""
+    skip_unsupported(backend, "cpu", torch.float64)
     rng = np.random.default_rng(7)
     tree = random_tree([5, 11], 4, 2, torch.float64, rng)
     gen = torch.Generator().manual_seed(3)

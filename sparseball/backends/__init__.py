@@ -106,9 +106,11 @@ BACKENDS: dict[str, Backend] = {
             module="sparseball.backends.cupy.ops",
             devices=("cuda",),
             dtypes=_HALF_AND_SINGLE,
-            ops=(),
+            ops=FLAT_OPS,
             requires=("cupy",),
             max_head_dim=128,
+            # Checked on the CPU only (tests/test_cupy_emu.py), not yet on a GPU.
+            in_auto=False,
         ),
         Backend(
             name="torch",

@@ -94,15 +94,6 @@ def dot_modes(dtype: torch.dtype) -> dict[str, bool]:
                 SPLIT_DOT=SPLIT_HALF_PRODUCTS)
 
 
-def cloud_ranges(offsets: torch.Tensor, unit: int, num_units: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slot range `[lo, hi)` of the cloud holding each aligned `unit`-block, as two int64
-    tensors of `num_units`. Clouds own multiples of `unit` slots, so no block straddles two."""
-    sizes = (offsets[1:] - offsets[:-1]) // unit
-    lo = torch.repeat_interleave(offsets[:-1], sizes, output_size=num_units)
-    hi = torch.repeat_interleave(offsets[1:], sizes, output_size=num_units)
-    return lo.contiguous(), hi.contiguous()
-
-
 @triton.jit
 def _dot(a, b, FP32: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b for operands in the input dtype, accumulated in float32."""

@@ -13,9 +13,9 @@ import math
 import torch
 
 from ...tree import BallTree
+from .._layout import cloud_ranges
 from ..descent import descend, group_chunks, top_frontier
 from ..torch.ops import far_field_tokens  # a few gathers and sums per level: no kernel
-from ._common import cloud_ranges
 from .ball import ball_attention_op
 from .compressed import compress_op, compressed_attention_op
 from .far_field import far_field_attention_op, frontier_importance_op

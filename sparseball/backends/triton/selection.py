@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .._layout import invert_selection
 from ._common import (
     LOG2E,
     _dot,
@@ -259,20 +260,6 @@ def _config(select_size: int, group_size: int, head_dim: int, dtype: torch.dtype
     rows, key_rows = min(config["rows"], group_size), min(config["key_rows"], select_size)
     return {**config, "rows": rows, "key_rows": key_rows,
             "block_m": max(config["block_m"], rows), "block_n": max(config["block_n"], key_rows)}
-
-
-def invert_selection(indices: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR of the selection by (head, block): groups `groups[row_ptr[h * num_blocks + w]:
-    row_ptr[h * num_blocks + w + 1]]` chose block w for head h, in ascending order."""
-    G, H, K = indices.shape
-    blocks = indices.to(torch.int64)
-    heads = torch.arange(H, device=indices.device).view(1, H, 1)
-    key = torch.where(blocks >= 0, heads * num_blocks + blocks, H * num_blocks).flatten()
-    sorted_key, order = torch.sort(key, stable=True)
-    groups = (order // (H * K)).to(torch.int32)
-    bounds = torch.arange(H * num_blocks + 1, device=indices.device)
-    row_ptr = torch.searchsorted(sorted_key, bounds)
-    return row_ptr, groups
 
 
 @triton_op("sparseball_triton::selection_attention", mutates_args=())
