@@ -26,13 +26,31 @@ __all__ = ["compress", "ball_attention", "compressed_attention", "select_blocks"
            "selection_attention", "far_field_tokens", "far_field_select", "far_field_attention"]
 
 
+def _per_tree(tree: BallTree, key: tuple, make):
+    """`make()`, cached with the tree in eager mode: a model calls several ops per layer on one
+    tree, and each small conversion is a kernel launch (eager steps are launch-bound). Under
+    torch.compile it is computed in the graph, where inductor fuses it, and not stored."""
+    if torch.compiler.is_compiling():
+        return make()
+    key = ("triton", *key)
+    if key not in tree._cache:
+        tree._cache[key] = make()
+    return tree._cache[key]
+
+
 def _pos(tree: BallTree) -> torch.Tensor:
     # Distances are formed in float32 inside the kernels.
-    return tree.pos.to(torch.float32).contiguous()
+    return _per_tree(tree, ("pos",), lambda: tree.pos.to(torch.float32).contiguous())
 
 
 def _mask(tree: BallTree) -> torch.Tensor:
-    return tree.mask.to(torch.uint8)  # a copy of M bytes: inductor cannot lower view(dtype) of bool
+    # A copy of M bytes: inductor cannot lower view(dtype) of bool.
+    return _per_tree(tree, ("mask",), lambda: tree.mask.to(torch.uint8))
+
+
+def _centers(tree: BallTree, block_size: int) -> torch.Tensor:
+    return _per_tree(tree, ("centers", block_size),
+                     lambda: tree.centers(block_size).to(torch.float32).contiguous())
 
 
 def _has_padding(tree: BallTree) -> bool:
@@ -61,12 +79,14 @@ def _cloud_unit(tree: BallTree) -> int:
 def _cloud_ranges(tree: BallTree) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per `_cloud_unit` block: the slot range of its cloud; and the unit."""
     unit = _cloud_unit(tree)
-    lo, hi = cloud_ranges(tree.offsets, unit, tree.num_slots // unit)
+    lo, hi = _per_tree(tree, ("cloud_ranges",),
+                       lambda: cloud_ranges(tree.offsets, unit, tree.num_slots // unit))
     return lo, hi, unit
 
 
 def _block_real(tree: BallTree, block_size: int) -> torch.Tensor:
-    return tree.mask.view(-1, block_size).any(1).to(torch.uint8)
+    return _per_tree(tree, ("block_real", block_size),
+                     lambda: tree.mask.view(-1, block_size).any(1).to(torch.uint8))
 
 
 def _nonempty_blocks(tree: BallTree, block_size: int) -> torch.Tensor | None:
@@ -92,7 +112,7 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
     cloud_lo, cloud_hi, unit = _cloud_ranges(tree)
     return compressed_attention_op(
         q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), _pos(tree),
-        tree.centers(compress_size).to(torch.float32).contiguous(),
+        _centers(tree, compress_size),
         _nonempty_blocks(tree, compress_size), cloud_lo, cloud_hi, _sigma(sigma), unit,
         compress_size, scale)
 
@@ -115,7 +135,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, tree:
     with torch.no_grad():
         return select_blocks_op(
             q.detach().contiguous(), k_cmp.detach().contiguous(), lse.detach().contiguous(),
-            _pos(tree), tree.centers(compress_size).to(torch.float32).contiguous(), _mask(tree),
+            _pos(tree), _centers(tree, compress_size), _mask(tree),
             _block_real(tree, compress_size), _block_real(tree, select_size), cloud_lo, cloud_hi,
             None if sigma is None else sigma.detach().contiguous(), unit, compress_size,
             select_size, group_size, top_k, exclude, scale)
@@ -129,11 +149,13 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, tree:
 SELECT_CHUNK_ELEMENTS = 1 << 26
 
 
-def _token_terms(levels) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_terms(tree: BallTree, levels) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 token centers `[T, dim]` and the logits' log counts `[T]` (log 1 = 0 for a
     token without a real slot)."""
-    log_count = torch.log(levels.count.clamp(min=1).to(torch.float32))
-    return levels.center.to(torch.float32).contiguous(), log_count
+    key = ("tokens", levels.compress_size, levels.fanout, levels.top_blocks)
+    return _per_tree(tree, key, lambda: (
+        levels.center.to(torch.float32).contiguous(),
+        torch.log(levels.count.clamp(min=1).to(torch.float32))))
 
 
 def far_field_select(q: torch.Tensor, k_tok: torch.Tensor, tree: BallTree, levels,
@@ -145,7 +167,7 @@ def far_field_select(q: torch.Tensor, k_tok: torch.Tensor, tree: BallTree, level
         q, k_tok = q.detach().contiguous(), k_tok.detach().contiguous()
         sig = None if sigma is None else sigma.detach().contiguous()
         pos, mask = _pos(tree), _mask(tree)
-        centers, log_count = _token_terms(levels)
+        centers, log_count = _token_terms(tree, levels)
         real = levels.count > 0
         group_cloud = tree.slot_cloud[::g]
         selected, cut = [], []
@@ -169,7 +191,7 @@ def far_field_attention(q: torch.Tensor, k_tok: torch.Tensor, v_tok: torch.Tenso
                         sigma: torch.Tensor | None, scale: float) -> torch.Tensor:
     if cut.shape[-1] == 0:  # no cloud is large enough to leave a cut: one empty column
         cut = torch.full((*cut.shape[:2], 1), -1, dtype=torch.int32, device=cut.device)
-    centers, log_count = _token_terms(levels)
+    centers, log_count = _token_terms(tree, levels)
     out, _ = far_field_attention_op(
         q.contiguous(), k_tok.contiguous(), v_tok.contiguous(), _pos(tree), centers, log_count,
         cut.to(torch.int32).contiguous(), _sigma(sigma), group_size, scale)
