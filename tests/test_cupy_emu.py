@@ -44,6 +44,7 @@ from test_ops import (
 import reference.ops as oracle
 import sparseball
 from sparseball.backends import BACKENDS
+from sparseball.backends._layout import block_real, float32_centers, float32_positions, uint8_mask
 from sparseball.backends.cupy import ops as cupy_ops
 from sparseball.backends.cupy import source
 
@@ -218,20 +219,20 @@ def _op_samples():
 
     q, k, v, kc, vc = randn(M, H, D), randn(M, H, D), randn(M, H, D), randn(M // 2, H, D), randn(M // 2, H, D)
     sigma = torch.tensor([0.3, -0.2], requires_grad=True)
-    pos, mask = cupy_ops._pos(tree), cupy_ops._mask(tree)
+    pos, mask = float32_positions(tree), uint8_mask(tree)
     lo, hi, unit = cupy_ops._cloud_ranges(tree)
-    centers, block_real = cupy_ops._centers(tree, 2), cupy_ops._block_real(tree, 2)
+    centers, real_blocks = float32_centers(tree, 2), block_real(tree, 2)
     indices = random_indices(tree, H, 4, 4, 2, rng)
     _, lse = cupy_ops.compressed_attention(q, kc, vc, tree, 2, sigma, 0.5)
     return [
         (cupy_ops.compress_op, (k, mask, 2)),
         (cupy_ops.ball_attention_op, (q, k, v, pos, mask, sigma, 4, 0.5)),
         (cupy_ops.ball_attention_op, (q, k, v, pos, mask, None, 4, 0.5)),
-        (cupy_ops.compressed_attention_op, (q, kc, vc, pos, centers, block_real, lo, hi, sigma, unit,
+        (cupy_ops.compressed_attention_op, (q, kc, vc, pos, centers, real_blocks, lo, hi, sigma, unit,
                                             2, 0.5)),
         (cupy_ops.selection_attention_op, (q, k, v, pos, mask, indices, sigma, 4, 4, 0.5)),
-        (cupy_ops.select_blocks_op, (q.detach(), kc.detach(), lse, pos, centers, mask, block_real,
-                                     cupy_ops._block_real(tree, 4), lo, hi, sigma.detach(), unit, 2,
+        (cupy_ops.select_blocks_op, (q.detach(), kc.detach(), lse, pos, centers, mask, real_blocks,
+                                     block_real(tree, 4), lo, hi, sigma.detach(), unit, 2,
                                      4, 4, 2, 4, 0.5)),
     ]
 

@@ -23,7 +23,14 @@ import numpy as np
 import torch
 
 from ...tree import BallTree
-from .._layout import cloud_ranges, invert_selection
+from .._layout import (
+    block_real,
+    float32_centers,
+    float32_positions,
+    invert_selection,
+    tree_cloud_ranges,
+    uint8_mask,
+)
 from . import source
 from .source import Tiles, tiles_for
 
@@ -398,27 +405,9 @@ def _(q, k_cmp, lse, pos, centers, mask, cblock_real, sblock_real, cloud_lo, clo
 # The op functions: the tree as tensors and ints.
 
 
-def _pos(tree: BallTree) -> torch.Tensor:
-    return tree.pos.to(torch.float32).contiguous()  # distances are formed in float32
-
-
-def _mask(tree: BallTree) -> torch.Tensor:
-    return tree.mask.to(torch.uint8)
-
-
-def _block_real(tree: BallTree, size: int) -> torch.Tensor:
-    return tree.mask.view(-1, size).any(1).to(torch.uint8)
-
-
-def _centers(tree: BallTree, size: int) -> torch.Tensor:
-    return tree.centers(size).to(torch.float32).contiguous()
-
-
 def _cloud_ranges(tree: BallTree) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per aligned P-block (clouds own multiples of P slots): its cloud's slot range; and P."""
-    unit = tree.ball_size
-    lo, hi = cloud_ranges(tree.offsets, unit, tree.num_slots // unit)
-    return lo, hi, unit
+    return (*tree_cloud_ranges(tree, tree.ball_size), tree.ball_size)
 
 
 def _sigma(sigma: torch.Tensor | None) -> torch.Tensor | None:
@@ -427,13 +416,13 @@ def _sigma(sigma: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def compress(x: torch.Tensor, tree: BallTree, compress_size: int) -> torch.Tensor:
-    return compress_op(x.contiguous(), _mask(tree), compress_size)
+    return compress_op(x.contiguous(), uint8_mask(tree), compress_size)
 
 
 def ball_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: BallTree,
                    ball_size: int, sigma: torch.Tensor | None, scale: float) -> torch.Tensor:
-    out, _ = ball_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), _pos(tree),
-                               _mask(tree), _sigma(sigma), ball_size, scale)
+    out, _ = ball_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), float32_positions(tree),
+                               uint8_mask(tree), _sigma(sigma), ball_size, scale)
     return out
 
 
@@ -442,8 +431,8 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     cloud_lo, cloud_hi, unit = _cloud_ranges(tree)
     return compressed_attention_op(
-        q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), _pos(tree),
-        _centers(tree, compress_size), _block_real(tree, compress_size), cloud_lo, cloud_hi,
+        q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), float32_positions(tree),
+        float32_centers(tree, compress_size), block_real(tree, compress_size), cloud_lo, cloud_hi,
         _sigma(sigma), unit, compress_size, scale)
 
 
@@ -451,7 +440,7 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree:
                         indices: torch.Tensor, select_size: int, group_size: int,
                         sigma: torch.Tensor | None, scale: float) -> torch.Tensor:
     out, _ = selection_attention_op(
-        q.contiguous(), k.contiguous(), v.contiguous(), _pos(tree), _mask(tree),
+        q.contiguous(), k.contiguous(), v.contiguous(), float32_positions(tree), uint8_mask(tree),
         indices.to(torch.int32).contiguous(), _sigma(sigma), select_size, group_size, scale)
     return out
 
@@ -466,7 +455,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, tree:
     with torch.no_grad():
         return select_blocks_op(
             q.detach().contiguous(), k_cmp.detach().contiguous(), lse.detach().contiguous(),
-            _pos(tree), _centers(tree, compress_size), _mask(tree),
-            _block_real(tree, compress_size), _block_real(tree, select_size), cloud_lo, cloud_hi,
+            float32_positions(tree), float32_centers(tree, compress_size), uint8_mask(tree),
+            block_real(tree, compress_size), block_real(tree, select_size), cloud_lo, cloud_hi,
             None if sigma is None else _sigma(sigma.detach()), unit, compress_size, select_size,
             group_size, top_k, exclude, scale)

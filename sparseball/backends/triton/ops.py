@@ -13,7 +13,14 @@ import math
 import torch
 
 from ...tree import BallTree
-from .._layout import cloud_ranges
+from .._layout import (
+    block_real,
+    float32_centers,
+    float32_positions,
+    per_tree,
+    tree_cloud_ranges,
+    uint8_mask,
+)
 from ..descent import descend, group_chunks, top_frontier
 from ..torch.ops import far_field_tokens  # a few gathers and sums per level: no kernel
 from .ball import ball_attention_op
@@ -26,33 +33,6 @@ __all__ = ["compress", "ball_attention", "compressed_attention", "select_blocks"
            "selection_attention", "far_field_tokens", "far_field_select", "far_field_attention"]
 
 
-def _per_tree(tree: BallTree, key: tuple, make):
-    """`make()`, cached with the tree in eager mode: a model calls several ops per layer on one
-    tree, and each small conversion is a kernel launch (eager steps are launch-bound). Under
-    torch.compile it is computed in the graph, where inductor fuses it, and not stored."""
-    if torch.compiler.is_compiling():
-        return make()
-    key = ("triton", *key)
-    if key not in tree._cache:
-        tree._cache[key] = make()
-    return tree._cache[key]
-
-
-def _pos(tree: BallTree) -> torch.Tensor:
-    # Distances are formed in float32 inside the kernels.
-    return _per_tree(tree, ("pos",), lambda: tree.pos.to(torch.float32).contiguous())
-
-
-def _mask(tree: BallTree) -> torch.Tensor:
-    # A copy of M bytes: inductor cannot lower view(dtype) of bool.
-    return _per_tree(tree, ("mask",), lambda: tree.mask.to(torch.uint8))
-
-
-def _centers(tree: BallTree, block_size: int) -> torch.Tensor:
-    return _per_tree(tree, ("centers", block_size),
-                     lambda: tree.centers(block_size).to(torch.float32).contiguous())
-
-
 def _has_padding(tree: BallTree) -> bool:
     """Whether any slot is padding; without (N = M: each cloud fills its slots, as clouds of
     multiples of the ball size do) the attention kernels get no mask and compile without its
@@ -62,7 +42,7 @@ def _has_padding(tree: BallTree) -> bool:
 
 def _padding_mask(tree: BallTree) -> torch.Tensor | None:
     """The mask for the attention kernels, or None when no slot is padding."""
-    return _mask(tree) if _has_padding(tree) else None
+    return uint8_mask(tree) if _has_padding(tree) else None
 
 
 def _sigma(sigma: torch.Tensor | None) -> torch.Tensor | None:
@@ -79,29 +59,22 @@ def _cloud_unit(tree: BallTree) -> int:
 def _cloud_ranges(tree: BallTree) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per `_cloud_unit` block: the slot range of its cloud; and the unit."""
     unit = _cloud_unit(tree)
-    lo, hi = _per_tree(tree, ("cloud_ranges",),
-                       lambda: cloud_ranges(tree.offsets, unit, tree.num_slots // unit))
-    return lo, hi, unit
-
-
-def _block_real(tree: BallTree, block_size: int) -> torch.Tensor:
-    return _per_tree(tree, ("block_real", block_size),
-                     lambda: tree.mask.view(-1, block_size).any(1).to(torch.uint8))
+    return (*tree_cloud_ranges(tree, unit), unit)
 
 
 def _nonempty_blocks(tree: BallTree, block_size: int) -> torch.Tensor | None:
-    """`_block_real` for the compressed-attention kernels, or None when no slot is padding
+    """`block_real` for the compressed-attention kernels, or None when no slot is padding
     (then no block is empty)."""
-    return _block_real(tree, block_size) if _has_padding(tree) else None
+    return block_real(tree, block_size) if _has_padding(tree) else None
 
 
 def compress(x: torch.Tensor, tree: BallTree, compress_size: int) -> torch.Tensor:
-    return compress_op(x.contiguous(), _mask(tree), compress_size)
+    return compress_op(x.contiguous(), uint8_mask(tree), compress_size)
 
 
 def ball_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: BallTree,
                    ball_size: int, sigma: torch.Tensor | None, scale: float) -> torch.Tensor:
-    out, _ = ball_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), _pos(tree),
+    out, _ = ball_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), float32_positions(tree),
                                _padding_mask(tree), _sigma(sigma), ball_size, scale)
     return out
 
@@ -111,8 +84,8 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     cloud_lo, cloud_hi, unit = _cloud_ranges(tree)
     return compressed_attention_op(
-        q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), _pos(tree),
-        _centers(tree, compress_size),
+        q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), float32_positions(tree),
+        float32_centers(tree, compress_size),
         _nonempty_blocks(tree, compress_size), cloud_lo, cloud_hi, _sigma(sigma), unit,
         compress_size, scale)
 
@@ -121,7 +94,7 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree:
                         indices: torch.Tensor, select_size: int, group_size: int,
                         sigma: torch.Tensor | None, scale: float) -> torch.Tensor:
     out, _ = selection_attention_op(
-        q.contiguous(), k.contiguous(), v.contiguous(), _pos(tree), _padding_mask(tree),
+        q.contiguous(), k.contiguous(), v.contiguous(), float32_positions(tree), _padding_mask(tree),
         indices.to(torch.int32).contiguous(), _sigma(sigma), select_size, group_size, scale)
     return out
 
@@ -135,8 +108,8 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, tree:
     with torch.no_grad():
         return select_blocks_op(
             q.detach().contiguous(), k_cmp.detach().contiguous(), lse.detach().contiguous(),
-            _pos(tree), _centers(tree, compress_size), _mask(tree),
-            _block_real(tree, compress_size), _block_real(tree, select_size), cloud_lo, cloud_hi,
+            float32_positions(tree), float32_centers(tree, compress_size), uint8_mask(tree),
+            block_real(tree, compress_size), block_real(tree, select_size), cloud_lo, cloud_hi,
             None if sigma is None else sigma.detach().contiguous(), unit, compress_size,
             select_size, group_size, top_k, exclude, scale)
 
@@ -153,7 +126,7 @@ def _token_terms(tree: BallTree, levels) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 token centers `[T, dim]` and the logits' log counts `[T]` (log 1 = 0 for a
     token without a real slot)."""
     key = ("tokens", levels.compress_size, levels.fanout, levels.top_blocks)
-    return _per_tree(tree, key, lambda: (
+    return per_tree(tree, key, lambda: (
         levels.center.to(torch.float32).contiguous(),
         torch.log(levels.count.clamp(min=1).to(torch.float32))))
 
@@ -166,7 +139,7 @@ def far_field_select(q: torch.Tensor, k_tok: torch.Tensor, tree: BallTree, level
     with torch.no_grad():
         q, k_tok = q.detach().contiguous(), k_tok.detach().contiguous()
         sig = None if sigma is None else sigma.detach().contiguous()
-        pos, mask = _pos(tree), _mask(tree)
+        pos, mask = float32_positions(tree), uint8_mask(tree)
         centers, log_count = _token_terms(tree, levels)
         real = levels.count > 0
         group_cloud = tree.slot_cloud[::g]
@@ -193,6 +166,6 @@ def far_field_attention(q: torch.Tensor, k_tok: torch.Tensor, v_tok: torch.Tenso
         cut = torch.full((*cut.shape[:2], 1), -1, dtype=torch.int32, device=cut.device)
     centers, log_count = _token_terms(tree, levels)
     out, _ = far_field_attention_op(
-        q.contiguous(), k_tok.contiguous(), v_tok.contiguous(), _pos(tree), centers, log_count,
+        q.contiguous(), k_tok.contiguous(), v_tok.contiguous(), float32_positions(tree), centers, log_count,
         cut.to(torch.int32).contiguous(), _sigma(sigma), group_size, scale)
     return out
